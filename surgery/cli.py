@@ -1,0 +1,204 @@
+"""`surgery` command line: a thin layer over the Python API (parse, call, print).
+
+Exit codes: 0 success, 2 bad usage or input (SurgeryError), 1 failure (e.g. ONNX parity).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+from . import __version__
+
+log = logging.getLogger("surgery")
+
+
+def _model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("model", help="timm model name, torchvision:NAME, or an artifact folder from --out")
+    p.add_argument("--weights", help="weights to load: .safetensors or a state-dict .pth")
+    p.add_argument("--num-classes", type=int, help="classifier size (default: the model's)")
+    p.add_argument("--input-size", help="input as H, HxW or CxHxW (default: the model's pretrained_cfg)")
+    p.add_argument("--json", action="store_true", help="print the result as JSON on stdout")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="surgery",
+        description="Rewrite PyTorch vision models as torch.fx graphs: passes, reports, ONNX.",
+    )
+    parser.add_argument("--version", action="version", version=f"surgery {__version__}")
+    parser.add_argument("-q", "--quiet", action="store_true", help="no progress lines on stderr")
+    sub = parser.add_subparsers(dest="verb", required=True, metavar="VERB")
+
+    p = sub.add_parser("apply", help="run passes on a model, report, and save an artifact",
+                       description="Trace MODEL, run each --pass in order, print a before/after report.")
+    _model_args(p)
+    p.add_argument("--pass", dest="passes", action="append", required=True, metavar="SPEC",
+                   help="NAME or NAME:key=value,key=value (repeatable; `surgery passes` lists them)")
+    p.add_argument("--out", help="artifact folder: recipe.json, model.safetensors, report.json")
+    p.add_argument("--onnx", action="store_true", help="also write model.onnx and check it against onnxruntime")
+    p.add_argument("--force", action="store_true", help="replace a non-empty --out folder")
+    p.add_argument("--no-latency", action="store_true", help="skip the latency measurement")
+
+    p = sub.add_parser("passes", help="list the passes with their options")
+    p.add_argument("--json", action="store_true", help="print as JSON")
+
+    p = sub.add_parser("inspect", help="graph summary: nodes, module types, params and FLOPs per stage")
+    _model_args(p)
+
+    p = sub.add_parser("export", help="export a model or artifact to ONNX and check it")
+    _model_args(p)
+    p.add_argument("--out", required=True, help="path of the .onnx file to write")
+    p.add_argument("--force", action="store_true", help="replace an existing file")
+    return parser
+
+
+def _load(args: argparse.Namespace):
+    from .models import load_model
+
+    return load_model(args.model, weights=args.weights, num_classes=args.num_classes,
+                      input_size=args.input_size)
+
+
+def _emit(args: argparse.Namespace, data: Any, text: str) -> None:
+    if args.json:
+        print(json.dumps(data, indent=2, default=str))
+    else:
+        print(text)
+
+
+def cmd_apply(args: argparse.Namespace) -> int:
+    from .artifact import check_out_dir
+    from .errors import SurgeryError
+    from .pipeline import apply, resolve_passes
+    from .report import format_table
+
+    resolve_passes(args.passes)  # bad specs fail before anything slow
+    if args.onnx and not args.out:
+        raise SurgeryError("--onnx writes model.onnx into the artifact: add --out DIR")
+    if args.out:
+        check_out_dir(args.out, args.force)
+    t0 = time.perf_counter()
+    log.info("loading %s", args.model)
+    loaded = _load(args)
+    log.info("tracing and running %s", " -> ".join(args.passes))
+    result = apply(loaded, args.passes, measure=True)
+    if args.no_latency:
+        for side in ("before", "after"):
+            result.report.get(side, {}).pop("latency_ms", None)
+    if args.out:
+        log.info("saving to %s%s", args.out, " (with ONNX export and parity check)" if args.onnx else "")
+        result.save(args.out, onnx=args.onnx, force=args.force)
+    log.info("done in %.1fs", time.perf_counter() - t0)
+    text = format_table(result.report)
+    if args.out:
+        text += f"\nsaved: {args.out}/ (recipe.json, model.safetensors, report.json"
+        text += ", model.onnx)" if args.onnx else ")"
+    _emit(args, result.report, text)
+    return 0
+
+
+def cmd_passes(args: argparse.Namespace) -> int:
+    from .passes import describe
+
+    info = describe()
+    lines = []
+    for p in info:
+        lines.append(f"{p['name']}: {p['doc']}")
+        for o in p["options"]:
+            lines.append(f"    {o['name']} ({o['type']}, default {o['default']!r})  {o['doc']}")
+    lines.append("\nuse: surgery apply MODEL --pass NAME:key=value,key=value")
+    if args.json:
+        print(json.dumps(info, indent=2, default=str))
+    else:
+        print("\n".join(lines))
+    return 0
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    from .graph import trace
+    from .pipeline import example_batch
+    from .report import count_params, flops_by_child
+
+    loaded = _load(args)
+    example = example_batch(loaded.input_size, batch=1)
+    gm = trace(loaded.model, example)
+    ops = Counter(n.op for n in gm.graph.nodes)
+    types = Counter(type(m).__name__ for _, m in gm.named_modules() if not list(m.children()))
+    flops = flops_by_child(loaded.model, example)
+    stages = [{"name": name, "type": type(child).__name__, "params": count_params(child),
+               "flops": flops.get(name, 0)} for name, child in loaded.model.named_children()]
+    data = {
+        "model": loaded.name, "input_size": list(loaded.input_size),
+        "nodes": len(gm.graph.nodes), "ops": dict(ops), "module_types": dict(types.most_common()),
+        "params": count_params(loaded.model), "flops": sum(s["flops"] for s in stages),
+        "stages": stages, "leaf_fallbacks": gm.meta["surgery"].leaf_fallbacks,
+    }
+    lines = [f"{data['model']}  input {'x'.join(map(str, loaded.input_size))}  "
+             f"{data['nodes']} graph nodes ({', '.join(f'{k} {v}' for k, v in ops.items())})",
+             f"params {data['params']:,}  FLOPs {data['flops']:,}", "",
+             f"{'stage':<20}  {'type':<20} {'params':>12} {'FLOPs':>14}"]
+    for s in stages:
+        lines.append(f"{s['name']:<20}  {s['type']:<20} {s['params']:>12,} {s['flops']:>14,}")
+    lines += ["", "modules: " + ", ".join(f"{k} x{v}" for k, v in types.most_common())]
+    if data["leaf_fallbacks"]:
+        lines.append("untraceable submodules kept as leaves: " + ", ".join(data["leaf_fallbacks"]))
+    _emit(args, data, "\n".join(lines))
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from .errors import SurgeryError
+    from .export import export_onnx, verify_onnx
+    from .graph import trace
+    from .pipeline import example_batch
+
+    out = Path(args.out)
+    if out.exists() and not args.force:
+        raise SurgeryError(f"{out} exists; choose another --out or add --force")
+    loaded = _load(args)
+    model = loaded.model
+    if not hasattr(model, "graph"):
+        model = trace(model, example_batch(loaded.input_size))
+    log.info("exporting %s to %s", loaded.name, out)
+    export_onnx(model, example_batch(loaded.input_size, batch=1), out)
+    result = verify_onnx(model, out, loaded.input_size)
+    par, lat = result["parity"], result["latency_ms"]
+    text = (f"wrote {out} ({result['bytes'] / 1e6:.1f} MB, {result['exporter']} exporter)\n"
+            f"parity: " + ", ".join(f"batch {b}: max|diff| {d:.2e}" for b, d in par["max_abs_diff"].items())
+            + f"\nlatency b=1: torch {lat['torch']:.2f} ms, onnxruntime {lat['onnxruntime']:.2f} ms")
+    _emit(args, result, text)
+    return 0
+
+
+COMMANDS = {"apply": cmd_apply, "passes": cmd_passes, "inspect": cmd_inspect, "export": cmd_export}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO,
+                        format="[surgery] %(message)s", stream=sys.stderr)
+    from .errors import SurgeryError
+    from .export import ParityError
+
+    try:
+        return COMMANDS[args.verb](args)
+    except SurgeryError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except ParityError as exc:
+        print(f"failed: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

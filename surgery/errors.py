@@ -1,0 +1,9 @@
+"""One exception type for every problem a user can cause and fix."""
+
+
+class SurgeryError(Exception):
+    """A user-fixable problem. The message is one line that says what to do.
+
+    The CLI prints it as ``error: <message>`` and exits with code 2. Any other
+    exception is a bug in surgery and keeps its traceback.
+    """

@@ -1,0 +1,256 @@
+"""Tracing any timm model (or fx-traceable module) to a shape-annotated GraphModule.
+
+Shared graph machinery lives here once; passes import it, never copy it.
+"""
+
+from __future__ import annotations
+
+import copy
+import inspect
+import logging
+import warnings
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.fx as fx
+from torch import nn
+from torch.fx.passes.shape_prop import ShapeProp
+
+from .errors import SurgeryError
+
+log = logging.getLogger(__name__)
+
+# Tolerance of the check "the traced graph computes what the eager model computes".
+TRACE_ATOL = 1e-5
+TRACE_RTOL = 1e-5
+MAX_LEAF_FALLBACKS = 64
+
+
+def _timm_leaf_types() -> tuple[set[type], set[Any]]:
+    """Module types and functions timm marks as not fx-traceable, plus our own choices."""
+    try:
+        import timm.layers as tl
+        from timm.layers import drop, norm, norm_act
+    except ImportError:  # timm is a dependency, but keep plain torch models working
+        return set(), set()
+    modules = set(tl.get_notrace_modules())
+    # Norm, norm-act and drop layers branch on self.training; tracing through them
+    # would freeze eval behaviour into the graph. As leaves they stay modules that
+    # fine-tuning can train and passes can recognise.
+    for mod in (norm, norm_act, drop):
+        for obj in vars(mod).values():
+            if isinstance(obj, type) and issubclass(obj, nn.Module) and obj.__module__ == mod.__name__:
+                modules.add(obj)
+    return modules, set(tl.get_notrace_functions())
+
+
+class SurgeryTracer(fx.Tracer):
+    """fx Tracer that knows timm's untraceable layers and takes extra leaf modules by name."""
+
+    def __init__(self, leaf_names: Iterable[str] = ()):
+        leaf_types, functions = _timm_leaf_types()
+        super().__init__(autowrap_functions=tuple(f for f in functions if callable(f)))
+        self.leaf_types = tuple(leaf_types)
+        self.leaf_names = set(leaf_names)
+        self.surgery_stack: list[str] = []
+
+    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
+        if module_qualified_name in self.leaf_names:
+            return True
+        if self.leaf_types and isinstance(m, self.leaf_types):
+            return True
+        return super().is_leaf_module(m, module_qualified_name)
+
+    def call_module(self, m, forward, args, kwargs):
+        # Track where we are, so a failure can be pinned to the innermost module.
+        name = self.path_of_module(m)
+        self.surgery_stack.append(name)
+        out = super().call_module(m, forward, args, kwargs)
+        self.surgery_stack.pop()
+        return out
+
+
+@dataclass
+class TraceInfo:
+    """What tracing decided, kept on ``gm.meta['surgery']``."""
+
+    leaf_fallbacks: list[str] = field(default_factory=list)
+    concrete_args: dict[str, Any] = field(default_factory=dict)
+    max_abs_diff: float = 0.0
+
+
+def _concrete_args(model: nn.Module, n_inputs: int) -> dict[str, Any]:
+    """Bind optional forward arguments (vit's attn_mask, hiera's mask) to their defaults."""
+    params = list(inspect.signature(model.forward).parameters.values())
+    bound = {}
+    for p in params[n_inputs:]:
+        if p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD):
+            continue
+        if p.default is inspect.Parameter.empty:
+            raise SurgeryError(
+                f"forward() of {type(model).__name__} needs argument {p.name!r} beyond the "
+                f"{n_inputs} example input(s); pass it in example_inputs"
+            )
+        bound[p.name] = p.default
+    return bound
+
+
+def _graph_module(root: nn.Module, graph: fx.Graph, name: str) -> fx.GraphModule:
+    gm = fx.GraphModule(root, graph, name)
+    # Placeholders bound by concrete_args keep their default: gm(x) works.
+    return gm
+
+
+def _symbolic_trace(model: nn.Module, leaf_names: set[str], concrete: dict) -> fx.GraphModule:
+    tracer = SurgeryTracer(leaf_names)
+    try:
+        graph = tracer.trace(model, concrete_args=concrete or None)
+    except Exception as exc:  # noqa: BLE001 - any failure may be fixed by a leaf
+        exc.surgery_module_stack = list(tracer.surgery_stack)  # type: ignore[attr-defined]
+        raise
+    return _graph_module(tracer.root, graph, type(model).__name__)
+
+
+def _as_tuple(example_inputs: Any) -> tuple:
+    if isinstance(example_inputs, torch.Tensor):
+        return (example_inputs,)
+    return tuple(example_inputs)
+
+
+def compare_outputs(a: Any, b: Any) -> float:
+    """Max abs difference between two (nested) outputs; inf if their structure differs."""
+    if isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor):
+        if a.shape != b.shape:
+            return float("inf")
+        if a.numel() == 0:
+            return 0.0
+        return (a.detach().float() - b.detach().float()).abs().max().item()
+    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)) and len(a) == len(b):
+        return max((compare_outputs(x, y) for x, y in zip(a, b)), default=0.0)
+    if isinstance(a, dict) and isinstance(b, dict) and a.keys() == b.keys():
+        return max((compare_outputs(a[k], b[k]) for k in a), default=0.0)
+    return 0.0 if a == b else float("inf")
+
+
+def _output_scale(out: Any) -> float:
+    if isinstance(out, torch.Tensor):
+        return out.detach().abs().max().item() if out.numel() else 0.0
+    if isinstance(out, (list, tuple)):
+        return max((_output_scale(o) for o in out), default=0.0)
+    if isinstance(out, dict):
+        return max((_output_scale(o) for o in out.values()), default=0.0)
+    return 0.0
+
+
+def propagate_shapes(gm: fx.GraphModule, example_inputs: Any) -> Any:
+    """Annotate every node with ``meta['tensor_meta']`` (shape, dtype); returns the output."""
+    with torch.no_grad():
+        return ShapeProp(gm).propagate(*_as_tuple(example_inputs))
+
+
+def trace(
+    model: nn.Module,
+    example_inputs: Any,
+    *,
+    leaf_modules: Sequence[str] = (),
+    verify: bool = True,
+) -> fx.GraphModule:
+    """Trace ``model`` to a GraphModule with shapes on every node.
+
+    The model is deep-copied first (some timm models cache proxies on themselves)
+    and traced in eval mode. A submodule that cannot be traced becomes a leaf
+    (logged, and listed in ``gm.meta['surgery'].leaf_fallbacks``). With ``verify``
+    the graph's output must match the eager output within 1e-5.
+    """
+    inputs = _as_tuple(example_inputs)
+    was_training = model.training
+    model = copy.deepcopy(model).eval()
+    concrete = _concrete_args(model, len(inputs))
+    leaves = set(leaf_modules)
+    fallbacks: list[str] = []
+    named = dict(model.named_modules())
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", category=torch.jit.TracerWarning)
+        for _ in range(MAX_LEAF_FALLBACKS + 1):
+            try:
+                gm = _symbolic_trace(model, leaves, concrete)
+                break
+            except Exception as exc:  # noqa: BLE001
+                stack = [n for n in getattr(exc, "surgery_module_stack", []) if n]
+                culprit = next((n for n in reversed(stack) if n not in leaves and n in named), None)
+                if culprit is None:
+                    raise SurgeryError(
+                        f"cannot fx-trace {type(model).__name__}: its own forward() is not "
+                        f"traceable ({type(exc).__name__}: {str(exc).splitlines()[0][:200]})"
+                    ) from exc
+                log.info("tracing %s failed (%s); treating it as a leaf", culprit, exc)
+                leaves.add(culprit)
+                fallbacks.append(culprit)
+        else:
+            raise SurgeryError(f"cannot fx-trace {type(model).__name__}: too many untraceable submodules")
+    gm.eval()
+    info = TraceInfo(leaf_fallbacks=fallbacks, concrete_args=concrete)
+    gm.meta["surgery"] = info
+    if fallbacks:
+        log.warning("traced with %d untraceable submodule(s) as leaves: %s", len(fallbacks), ", ".join(fallbacks))
+    try:
+        graph_out = propagate_shapes(gm, inputs)
+    except Exception as exc:  # noqa: BLE001
+        raise SurgeryError(
+            f"the example input does not fit {type(model).__name__}: "
+            f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}; check --input-size"
+        ) from exc
+    if verify:
+        with torch.no_grad():
+            eager_out = model(*inputs)
+        diff = compare_outputs(eager_out, graph_out)
+        scale = _output_scale(eager_out)
+        info.max_abs_diff = diff
+        if not diff <= TRACE_ATOL + TRACE_RTOL * scale:
+            raise RuntimeError(
+                f"traced graph of {type(model).__name__} differs from the eager model "
+                f"(max abs diff {diff:.3g}); this is a bug in the tracer, please report it"
+            )
+    if was_training:
+        gm.train()
+    return gm
+
+
+# --- small helpers the passes share -------------------------------------------------
+
+
+def get_module(gm: fx.GraphModule, node: fx.Node) -> nn.Module | None:
+    """The module a ``call_module`` node calls, else None."""
+    if node.op != "call_module":
+        return None
+    return gm.get_submodule(node.target)
+
+
+def set_module(gm: nn.Module, qualified_name: str, module: nn.Module) -> None:
+    """Replace the submodule at ``qualified_name`` (parents must exist)."""
+    parent_name, _, attr = qualified_name.rpartition(".")
+    parent = gm.get_submodule(parent_name) if parent_name else gm
+    setattr(parent, attr, module)
+
+
+def remove_node(gm: fx.GraphModule, node: fx.Node, replacement: fx.Node) -> None:
+    """Route every user of ``node`` to ``replacement`` and drop ``node``."""
+    node.replace_all_uses_with(replacement)
+    gm.graph.erase_node(node)
+
+
+def finalize(gm: fx.GraphModule) -> fx.GraphModule:
+    """Clean up after an edit: drop dead code and unused modules, lint, recompile."""
+    gm.graph.eliminate_dead_code()
+    gm.delete_all_unused_submodules()
+    gm.graph.lint()
+    gm.recompile()
+    return gm
+
+
+def node_shape(node: fx.Node) -> tuple[int, ...] | None:
+    """Output shape recorded by :func:`propagate_shapes`, if the node yields one tensor."""
+    meta = node.meta.get("tensor_meta")
+    return tuple(meta.shape) if meta is not None and hasattr(meta, "shape") else None

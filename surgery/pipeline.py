@@ -1,0 +1,151 @@
+"""`apply`: trace a model, run passes in order, measure; `rebuild`: replay a recipe."""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import fx, nn
+
+from . import passes as registry
+from .errors import SurgeryError
+from .graph import propagate_shapes, trace
+from .models import LoadedModel, build_source, load_model
+from .report import compare_models
+
+RECIPE_FORMAT = "surgery.recipe/1"
+TRACE_BATCH = 2
+
+
+def example_batch(input_size: Sequence[int], batch: int = TRACE_BATCH, seed: int = 0) -> torch.Tensor:
+    """A seeded random batch: tracing and shape propagation need concrete inputs."""
+    return torch.randn(batch, *input_size, generator=torch.Generator().manual_seed(seed))
+
+
+PassLike = str | tuple[str, Any] | Any
+
+
+def resolve_passes(passes: PassLike | Sequence[PassLike]) -> list[tuple[registry.PassInfo, Any]]:
+    """Accept "name:k=v" strings, (name, config) pairs or config instances (dispatch on type)."""
+    if isinstance(passes, (str, tuple)) or not isinstance(passes, Sequence):
+        passes = [passes]
+    by_config = {info.config_cls: info for info in registry.available().values()}
+    resolved = []
+    for p in passes:
+        if isinstance(p, str):
+            name, cfg = registry.parse_spec(p)
+            resolved.append((registry.get(name), cfg))
+        elif isinstance(p, tuple) and len(p) == 2 and isinstance(p[0], str):
+            info = registry.get(p[0])
+            cfg = p[1] if isinstance(p[1], info.config_cls) else registry.make_config(p[0], dict(p[1] or {}))
+            resolved.append((info, cfg))
+        elif type(p) in by_config:
+            resolved.append((by_config[type(p)], p))
+        else:
+            raise SurgeryError(f"cannot read pass {p!r}; give 'name:key=value' or a pass config object")
+    return resolved
+
+
+@dataclass
+class SurgeryResult:
+    """What `apply` returns: the rewritten model, its report and the recipe to rebuild it."""
+
+    model: fx.GraphModule
+    report: dict[str, Any]
+    recipe: dict[str, Any]
+    original: nn.Module
+
+    @property
+    def input_size(self) -> tuple[int, ...]:
+        return tuple(self.recipe["input_size"])
+
+    def save(self, out: str | Path, *, onnx: bool = False, force: bool = False) -> Path:
+        """Write recipe.json, model.safetensors, report.json (and model.onnx) to ``out``."""
+        from .artifact import save_artifact
+
+        return save_artifact(self, out, onnx=onnx, force=force)
+
+
+def _to_graph(loaded: LoadedModel, example: torch.Tensor, leaf_modules: Sequence[str]) -> fx.GraphModule:
+    if isinstance(loaded.model, fx.GraphModule):
+        gm = copy.deepcopy(loaded.model).eval()  # an artifact: already a verified graph
+        propagate_shapes(gm, example)
+        return gm
+    return trace(loaded.model, example, leaf_modules=leaf_modules)
+
+
+def _run_passes(gm: fx.GraphModule, steps: list[tuple[registry.PassInfo, Any, dict | None]],
+                example: torch.Tensor) -> tuple[fx.GraphModule, list[dict[str, Any]]]:
+    records = []
+    for info, cfg, plan in steps:
+        ctx = registry.PassContext(example_inputs=(example,), plan=dict(plan or {}), replay=plan is not None)
+        gm = info.run(gm, cfg, ctx)
+        if not isinstance(gm, fx.GraphModule):
+            raise TypeError(f"pass {info.name} returned {type(gm).__name__}, not a GraphModule")
+        gm.eval()
+        propagate_shapes(gm, example)
+        records.append({"pass": info.name, "config": registry.config_to_dict(cfg),
+                        "plan": ctx.plan, "notes": ctx.notes})
+    return gm, records
+
+
+def apply(
+    model: nn.Module | str | LoadedModel,
+    passes: PassLike | Sequence[PassLike],
+    example_inputs: torch.Tensor | None = None,
+    *,
+    input_size: Sequence[int] | str | None = None,
+    measure: bool = True,
+) -> SurgeryResult:
+    """Trace ``model`` and run ``passes`` on it in order; the caller's model is not touched.
+
+    ``model`` is an nn.Module, a spec for :func:`surgery.load_model` or a LoadedModel.
+    ``passes``: "name:key=value,..." strings, (name, options) pairs or config objects.
+    With ``measure`` the report has params, FLOPs, CPU latency and output drift.
+    """
+    steps = resolve_passes(passes)  # bad pass specs fail before any slow work
+    if isinstance(model, LoadedModel):
+        loaded = model
+    else:
+        loaded = load_model(model, input_size=input_size)
+    if example_inputs is not None:
+        if not isinstance(example_inputs, torch.Tensor) or example_inputs.dim() != 4:
+            raise SurgeryError("example_inputs must be one image batch tensor of shape (B, C, H, W)")
+        loaded.input_size = tuple(example_inputs.shape[1:])
+    example = example_inputs if example_inputs is not None else example_batch(loaded.input_size)
+    leaf_modules = list(loaded.source.get("leaf_modules", []))
+    gm = _to_graph(loaded, example, leaf_modules)
+    if not isinstance(loaded.model, fx.GraphModule):
+        leaf_modules = gm.meta["surgery"].leaf_fallbacks
+    gm, records = _run_passes(gm, [(info, cfg, None) for info, cfg in steps], example)
+    source = dict(loaded.source)
+    if leaf_modules:
+        source["leaf_modules"] = list(leaf_modules)
+    recipe = {
+        "format": RECIPE_FORMAT,
+        "source": source,
+        "input_size": list(loaded.input_size),
+        "passes": loaded.passes + [{k: r[k] for k in ("pass", "config", "plan")} for r in records],
+    }
+    report: dict[str, Any] = {"model": loaded.name, "passes": records}
+    if measure:
+        report.update(compare_models(loaded.model, gm, loaded.input_size))
+    return SurgeryResult(model=gm, report=report, recipe=recipe, original=loaded.model)
+
+
+def rebuild(recipe: dict[str, Any], base_model: nn.Module | None = None) -> fx.GraphModule:
+    """The architecture a recipe describes, with fresh weights: source, trace, replayed passes."""
+    source = recipe["source"]
+    model = base_model if base_model is not None else build_source(source)
+    example = example_batch(recipe["input_size"])
+    gm = trace(model, example, leaf_modules=source.get("leaf_modules", ()), verify=False)
+    steps = []
+    for step in recipe["passes"]:
+        info = registry.get(step["pass"])
+        steps.append((info, registry.make_config(step["pass"], step.get("config", {})), step.get("plan", {})))
+    gm, _ = _run_passes(gm, steps, example)
+    return gm

@@ -1,0 +1,113 @@
+import json
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+import surgery
+from surgery.errors import SurgeryError
+from surgery.graph import compare_outputs
+
+from conftest import ConvBnNet, randomize_norm_stats
+
+RELOAD_ATOL = 1e-6  # reload is the same graph with the same weights
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+    torch.manual_seed(0)
+    result = surgery.apply("resnet18", ["fuse"], input_size="3x48x48", measure=False)
+    out = tmp_path_factory.mktemp("art") / "resnet18-fused"
+    result.save(out)
+    return result, out
+
+
+def test_artifact_round_trip_reproduces_outputs(saved):
+    result, out = saved
+    assert sorted(p.name for p in out.iterdir()) == ["model.safetensors", "recipe.json", "report.json"]
+    recipe = json.loads((out / "recipe.json").read_text())
+    assert recipe["source"] == {"kind": "timm", "name": "resnet18", "kwargs": {"in_chans": 3}}
+    assert recipe["input_size"] == [3, 48, 48] and recipe["passes"][0]["pass"] == "fuse"
+    model = surgery.load(out)
+    x = torch.randn(3, 3, 48, 48)
+    with torch.no_grad():
+        assert compare_outputs(result.model(x), model(x)) <= RELOAD_ATOL
+
+
+def test_passes_chain_across_runs(saved, tmp_path):
+    result, out = saved
+    again = surgery.apply(str(out), ["fuse"], measure=False)
+    assert [p["pass"] for p in again.recipe["passes"]] == ["fuse", "fuse"]
+    assert again.recipe["source"]["name"] == "resnet18"  # rebuilt from the origin, not from DIR
+    again.save(tmp_path / "chained")
+    reloaded = surgery.load(tmp_path / "chained")
+    x = torch.randn(1, 3, 48, 48)
+    with torch.no_grad():
+        assert compare_outputs(result.model(x), reloaded(x)) <= RELOAD_ATOL
+
+
+def test_refuses_non_empty_out_dir_unless_forced(saved, tmp_path):
+    result, _ = saved
+    out = tmp_path / "busy"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    with pytest.raises(SurgeryError, match="not empty.*--force"):
+        result.save(out)
+    assert (out / "notes.txt").read_text() == "mine"
+    result.save(out, force=True)
+    assert (out / "recipe.json").is_file() and not (out / "notes.txt").exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temp folders left
+
+
+def _copy_artifact(src, dst):
+    dst.mkdir()
+    for p in src.iterdir():
+        (dst / p.name).write_bytes(p.read_bytes())
+    return dst
+
+
+@pytest.mark.parametrize("damage,message", [
+    (lambda d: (d / "model.safetensors").unlink(), "lacks model.safetensors"),
+    (lambda d: (d / "recipe.json").write_text("{not json"), "not valid JSON"),
+    (lambda d: (d / "recipe.json").write_text(json.dumps({"format": "other"})), "is damaged"),
+    (lambda d: (d / "model.safetensors").write_bytes(b"\0" * 64), "does not match the checksum"),
+])
+def test_damaged_artifacts_are_clear_errors(saved, tmp_path, damage, message):
+    d = _copy_artifact(saved[1], tmp_path / "copy")
+    damage(d)
+    with pytest.raises(SurgeryError, match=message):
+        surgery.load(d)
+
+
+def test_tampered_recipe_pass_is_caught(saved, tmp_path):
+    d = _copy_artifact(saved[1], tmp_path / "copy")
+    recipe = json.loads((d / "recipe.json").read_text())
+    recipe["passes"][0]["plan"]["folded"] = recipe["passes"][0]["plan"]["folded"][:-1]
+    (d / "recipe.json").write_text(json.dumps(recipe))
+    with pytest.raises(SurgeryError, match="do not match the architecture: missing .*bn"):
+        surgery.load(d)
+
+
+def test_missing_artifact_dir():
+    with pytest.raises(SurgeryError, match="not found"):
+        surgery.load("/nonexistent/artifact")
+
+
+def test_custom_module_artifact_needs_its_base_model(tmp_path, images):
+    model = randomize_norm_stats(ConvBnNet()).eval()
+    result = surgery.apply(model, "fuse", example_inputs=images, measure=False)
+    result.save(tmp_path / "custom")
+    with pytest.raises(SurgeryError, match="base_model"):
+        surgery.load(tmp_path / "custom")
+    reloaded = surgery.load(tmp_path / "custom", base_model=ConvBnNet())
+    with torch.no_grad():
+        assert compare_outputs(model(images), reloaded(images)) <= 1e-5
+
+
+def test_loading_never_unpickles(saved, tmp_path):
+    # The weights file is plain safetensors: readable without torch's pickle machinery.
+    from safetensors import safe_open
+
+    with safe_open(str(saved[1] / "model.safetensors"), "pt") as f:
+        assert "conv1.weight" in f.keys()
+    save_file({"x": torch.zeros(1)}, str(tmp_path / "t.safetensors"))  # the format we rely on
