@@ -10,6 +10,7 @@ import hashlib
 import json
 import shutil
 import tempfile
+from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -69,28 +70,51 @@ def save_state(model: nn.Module, path: Path) -> None:
 
 
 def save_artifact(result: SurgeryResult, out: str | Path, *, onnx: bool = False, force: bool = False) -> Path:
-    """Write the artifact into a fresh temporary folder, then move it into place.
+    """Write an `apply` result: recipe.json, model.safetensors, report.json (and model.onnx)."""
+    return write_artifact(out, result.model, result.recipe, result.report, onnx=onnx, force=force)
 
-    An existing ``out`` is replaced only with ``force``, and only after everything
-    was written, so a failure never leaves a half-written artifact or loses the old one.
+
+def write_artifact(
+    out: str | Path,
+    model: nn.Module,
+    recipe: dict[str, Any],
+    report: dict[str, Any],
+    *,
+    onnx: bool = False,
+    force: bool = False,
+    extras: dict[str, Any] | None = None,
+    keep: Sequence[str] = (),
+) -> Path:
+    """Write an artifact into a fresh temporary folder, then move it into place.
+
+    An existing ``out`` is replaced only with ``force``, and only after everything was
+    written, so a failure never leaves a half-written artifact or loses the old one.
+    ``extras`` are more JSON files (name -> data); ``keep`` names entries of the old
+    folder to carry over (a training run's checkpoint/).
     """
     out = check_out_dir(out, force)
     out.parent.mkdir(parents=True, exist_ok=True)
+    input_size = tuple(recipe["input_size"])
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
     try:
-        save_state(result.model, tmp / WEIGHTS)
-        recipe = dict(result.recipe)
+        save_state(model, tmp / WEIGHTS)
+        recipe = dict(recipe)
         recipe["weights"] = {"file": WEIGHTS, "sha256": _sha256(tmp / WEIGHTS)}
         recipe["versions"] = {"surgery": __version__, "torch": torch.__version__.split("+")[0]}
         write_json(tmp / RECIPE, recipe)
+        for name, data in (extras or {}).items():
+            write_json(tmp / name, data)
         if onnx:
             from .export import export_onnx, verify_onnx
 
-            export_onnx(result.model, torch.randn(1, *result.input_size), tmp / ONNX)
-            result.report["onnx"] = verify_onnx(result.model, tmp / ONNX, result.input_size)
-            result.report["onnx"]["path"] = str(out / ONNX)
-        write_json(tmp / REPORT, result.report)
+            export_onnx(model, torch.randn(1, *input_size), tmp / ONNX)
+            report["onnx"] = verify_onnx(model, tmp / ONNX, input_size)
+            report["onnx"]["path"] = str(out / ONNX)
+        write_json(tmp / REPORT, report)
         if out.exists():
+            for name in keep:
+                if (out / name).exists():
+                    (out / name).rename(tmp / name)
             backup = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
             out.rename(backup / out.name)
             tmp.rename(out)

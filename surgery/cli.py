@@ -27,6 +27,38 @@ def _model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", action="store_true", help="print the result as JSON on stdout")
 
 
+def _train_args(p: argparse.ArgumentParser, *, epochs: bool = True, default_epochs: int = 10) -> None:
+    g = p.add_argument_group("training")
+    if epochs:
+        g.add_argument("--epochs", type=int, default=default_epochs)
+    g.add_argument("--batch-size", type=int, default=64, help="global batch (split over torchrun processes)")
+    g.add_argument("--optimizer", choices=["sgd", "adamw"], default="sgd")
+    g.add_argument("--lr", type=float, help="peak learning rate (default: 0.1 sgd, 1e-3 adamw; 0.01 finetune)")
+    g.add_argument("--weight-decay", type=float)
+    g.add_argument("--warmup-epochs", type=float)
+    g.add_argument("--label-smoothing", type=float, default=0.1)
+    g.add_argument("--distill-weight", type=float, default=0.5, help="share of the KL term with a teacher")
+    g.add_argument("--distill-temperature", type=float, default=4.0)
+    g.add_argument("--max-steps", type=int, help="stop after this many optimizer steps")
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--compile", action="store_true", help="torch.compile the model")
+    g.add_argument("--deterministic", action="store_true", help="deterministic algorithms (slower)")
+    g.add_argument("--limit", type=int, help=argparse.SUPPRESS)  # first N images: quick runs and tests
+
+
+def _train_config(args: argparse.Namespace, *, finetune: bool = False):
+    from .train import TrainConfig
+
+    epochs = getattr(args, "epochs", None) or getattr(args, "finetune_epochs", 0)
+    warmup = args.warmup_epochs if args.warmup_epochs is not None else (0.0 if finetune else 1.0)
+    lr = args.lr if args.lr is not None else (0.01 if finetune else None)
+    return TrainConfig(epochs=epochs, max_steps=args.max_steps, batch_size=args.batch_size,
+                       optimizer=args.optimizer, lr=lr, weight_decay=args.weight_decay, warmup_epochs=warmup,
+                       label_smoothing=args.label_smoothing, distill_weight=args.distill_weight,
+                       distill_temperature=args.distill_temperature, seed=args.seed, compile=args.compile,
+                       deterministic=args.deterministic, progress=not args.quiet)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="surgery",
@@ -45,6 +77,33 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--onnx", action="store_true", help="also write model.onnx and check it against onnxruntime")
     p.add_argument("--force", action="store_true", help="replace a non-empty --out folder")
     p.add_argument("--no-latency", action="store_true", help="skip the latency measurement")
+    p.add_argument("--finetune-epochs", type=int, default=0,
+                   help="fine-tune the rewritten model for N epochs on --data, distilling from the original")
+    p.add_argument("--data", help="data for --finetune-epochs: digits or an ImageFolder path")
+    _train_args(p, epochs=False)
+
+    p = sub.add_parser("train", help="train a model on a data set (a baseline to operate on)")
+    _model_args(p)
+    p.add_argument("--data", default="digits", help="digits (built in) or an ImageFolder path")
+    p.add_argument("--out", help="artifact folder (checkpoints each epoch, history.json)")
+    p.add_argument("--force", action="store_true", help="replace a non-empty --out folder")
+    p.add_argument("--resume", action="store_true", help="continue the interrupted run in --out")
+    _train_args(p)
+
+    p = sub.add_parser("finetune", help="fine-tune an artifact (after surgery), optionally distilling")
+    _model_args(p)
+    p.add_argument("--data", default="digits", help="digits (built in) or an ImageFolder path")
+    p.add_argument("--teacher", help="model or artifact to distill from (e.g. the model before surgery)")
+    p.add_argument("--out", required=True, help="folder for the fine-tuned artifact")
+    p.add_argument("--force", action="store_true", help="replace a non-empty --out folder")
+    p.add_argument("--resume", action="store_true", help="continue the interrupted run in --out")
+    _train_args(p, default_epochs=3)
+
+    p = sub.add_parser("evaluate", help="top-1 / top-5 / loss on the val split")
+    _model_args(p)
+    p.add_argument("--data", default="digits", help="digits (built in) or an ImageFolder path")
+    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--limit", type=int, help=argparse.SUPPRESS)
 
     p = sub.add_parser("passes", help="list the passes with their options")
     p.add_argument("--json", action="store_true", help="print as JSON")
@@ -82,6 +141,8 @@ def cmd_apply(args: argparse.Namespace) -> int:
     resolve_passes(args.passes)  # bad specs fail before anything slow
     if args.onnx and not args.out:
         raise SurgeryError("--onnx writes model.onnx into the artifact: add --out DIR")
+    if args.finetune_epochs and not args.data:
+        raise SurgeryError("--finetune-epochs needs --data (digits or an ImageFolder path)")
     if args.out:
         check_out_dir(args.out, args.force)
     t0 = time.perf_counter()
@@ -92,6 +153,17 @@ def cmd_apply(args: argparse.Namespace) -> int:
     if args.no_latency:
         for side in ("before", "after"):
             result.report.get(side, {}).pop("latency_ms", None)
+    if args.finetune_epochs:
+        from .models import LoadedModel
+        from .tasks import finetune
+
+        log.info("fine-tuning for %d epoch(s) on %s, distilling from the original", args.finetune_epochs, args.data)
+        rewritten = LoadedModel(result.model, tuple(result.recipe["input_size"]), result.recipe["source"],
+                                result.recipe["passes"])
+        tuned = finetune(rewritten, args.data, _train_config(args, finetune=True), teacher=result.original,
+                         limit=args.limit)
+        result.report["finetune"] = {"before": tuned.history and tuned.history[0], "after": tuned.metrics,
+                                     "history": tuned.history, "seconds": tuned.seconds}
     if args.out:
         log.info("saving to %s%s", args.out, " (with ONNX export and parity check)" if args.onnx else "")
         result.save(args.out, onnx=args.onnx, force=args.force)
@@ -177,7 +249,46 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"apply": cmd_apply, "passes": cmd_passes, "inspect": cmd_inspect, "export": cmd_export}
+def _print_metrics(args: argparse.Namespace, data: dict, title: str) -> None:
+    m = data["metrics"] if "metrics" in data else data
+    text = f"{title}: val top-1 {m['val_top1']:.4f}  top-5 {m['val_top5']:.4f}  loss {m['val_loss']:.4f}"
+    _emit(args, data, text)
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from .tasks import train
+
+    result = train(args.model, args.data, _train_config(args), out=args.out, num_classes=args.num_classes,
+                   input_size=args.input_size, weights=args.weights, resume=args.resume, force=args.force,
+                   limit=args.limit)
+    _print_metrics(args, {"metrics": result.metrics, "seconds": result.seconds, "history": result.history},
+                   f"trained in {result.seconds:.0f}s" + (f", saved {result.out}" if result.out else ""))
+    return 0
+
+
+def cmd_finetune(args: argparse.Namespace) -> int:
+    from .tasks import finetune
+
+    cfg = _train_config(args, finetune=True)
+    result = finetune(_load(args), args.data, cfg, teacher=args.teacher, out=args.out, resume=args.resume,
+                      force=args.force, limit=args.limit)
+    _print_metrics(args, {"metrics": result.metrics, "seconds": result.seconds, "history": result.history},
+                   f"fine-tuned in {result.seconds:.0f}s, saved {result.out}")
+    return 0
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from .tasks import evaluate_model
+
+    metrics = evaluate_model(_load(args), args.data, batch_size=args.batch_size, limit=args.limit)
+    _print_metrics(args, metrics, f"{args.model} on {args.data}")
+    return 0
+
+
+COMMANDS = {
+    "apply": cmd_apply, "passes": cmd_passes, "inspect": cmd_inspect, "export": cmd_export,
+    "train": cmd_train, "finetune": cmd_finetune, "evaluate": cmd_evaluate,
+}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -198,9 +198,13 @@ def trace(
     try:
         graph_out = propagate_shapes(gm, inputs)
     except Exception as exc:  # noqa: BLE001
+        root = exc
+        while root.__cause__ is not None:  # ShapeProp wraps the real error
+            root = root.__cause__
+        size = "x".join(str(d) for d in inputs[0].shape[1:]) if isinstance(inputs[0], torch.Tensor) else "?"
+        reason = (str(root).strip().splitlines() or [type(root).__name__])[0][:200]
         raise SurgeryError(
-            f"the example input does not fit {type(model).__name__}: "
-            f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}; check --input-size"
+            f"input {size} does not fit {type(model).__name__} ({reason}); choose another --input-size"
         ) from exc
     if verify:
         with torch.no_grad():

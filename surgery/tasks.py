@@ -1,0 +1,174 @@
+"""The jobs users run: train a baseline, fine-tune a rewritten model, evaluate.
+
+Each joins a model spec, a data set and the training loop, and writes an artifact
+(recipe.json + model.safetensors + history.json + report.json) that `surgery.load`
+and every other verb accept.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from .artifact import check_out_dir, write_artifact
+from .data import IMAGENET_MEAN, IMAGENET_STD, ImageData, load_data
+from .errors import SurgeryError
+from .models import LoadedModel, load_model
+from .train import CHECKPOINT_DIR, TrainConfig, check_head, evaluate, fit, setup_distributed
+
+log = logging.getLogger(__name__)
+
+HISTORY = "history.json"
+DIGITS_SIZE = 32
+
+
+@dataclass
+class TrainResult:
+    model: nn.Module
+    history: list[dict[str, Any]]
+    metrics: dict[str, float]
+    out: Path | None
+    seconds: float
+
+
+def _norm_stats(loaded: LoadedModel) -> tuple[tuple, tuple]:
+    """Input normalisation of the source model (timm's pretrained_cfg), ImageNet's otherwise."""
+    cfg = getattr(loaded.model, "pretrained_cfg", None) or {}
+    if loaded.source.get("kind") == "timm":
+        import timm
+
+        default = timm.get_pretrained_cfg(loaded.source["name"])
+        cfg = default.to_dict() if default is not None else cfg
+    return tuple(cfg.get("mean") or IMAGENET_MEAN), tuple(cfg.get("std") or IMAGENET_STD)
+
+
+def _square(input_size: tuple[int, ...]) -> int:
+    if input_size[1] != input_size[2]:
+        raise SurgeryError(f"training needs a square input size, got {input_size[1]}x{input_size[2]}")
+    return input_size[1]
+
+
+def data_for(spec: str, loaded: LoadedModel, *, limit: int | None = None, seed: int = 0) -> ImageData:
+    """The data set at the model's input size and normalisation."""
+    mean, std = _norm_stats(loaded)
+    return load_data(spec, image_size=_square(loaded.input_size), mean=mean, std=std, limit=limit, seed=seed)
+
+
+def _prepare_out(out: str | Path | None, *, force: bool, resume: bool) -> Path | None:
+    if out is None:
+        if resume:
+            raise SurgeryError("--resume needs the --out folder of the interrupted run")
+        return None
+    out = Path(out)
+    if resume:
+        if not (out / CHECKPOINT_DIR / "state.json").is_file():
+            raise SurgeryError(f"{out} holds no checkpoint to resume; run without --resume")
+        return out
+    check_out_dir(out, force)
+    return out
+
+
+def _finish(loaded: LoadedModel, model: nn.Module, data: ImageData, cfg: TrainConfig, history: list, out: Path | None,
+            seconds: float, kind: str, extra_report: dict | None = None) -> TrainResult:
+    metrics = history[-1] if history else evaluate(model, data)
+    metrics = {k: v for k, v in metrics.items() if k.startswith("val_")}
+    if out is not None and setup_distributed().main:
+        recipe = {"format": "surgery.recipe/1", "source": loaded.source, "input_size": list(loaded.input_size),
+                  "passes": loaded.passes}
+        report = {"task": kind, "model": loaded.name, "data": data.name, "metrics": metrics, "seconds": seconds,
+                  "config": asdict(cfg), **(extra_report or {})}
+        write_artifact(out, model, recipe, report, force=True, extras={HISTORY: history}, keep=[CHECKPOINT_DIR])
+        log.info("saved %s", out)
+    return TrainResult(model, history, metrics, out, seconds)
+
+
+def train(
+    model: str | nn.Module | LoadedModel,
+    data: str = "digits",
+    cfg: TrainConfig | None = None,
+    *,
+    out: str | Path | None = None,
+    num_classes: int | None = None,
+    input_size: str | tuple | None = None,
+    weights: str | Path | None = None,
+    resume: bool = False,
+    force: bool = False,
+    limit: int | None = None,
+) -> TrainResult:
+    """Train a model (a timm name, torchvision:NAME, an nn.Module or an artifact) on ``data``.
+
+    On `digits` the input defaults to 32x32 and the classifier to the data's 10 classes.
+    """
+    cfg = cfg or TrainConfig()
+    out = _prepare_out(out, force=force, resume=resume)
+    if isinstance(model, LoadedModel):
+        loaded = model
+    elif isinstance(model, str) and not Path(model).is_dir():
+        if input_size is None and data == "digits":
+            input_size = DIGITS_SIZE
+        if num_classes is None:
+            num_classes = _class_count(data)
+        loaded = load_model(model, weights=weights, num_classes=num_classes, input_size=input_size)
+    else:
+        loaded = load_model(model, weights=weights, input_size=input_size)
+    dataset = data_for(data, loaded, limit=limit, seed=cfg.seed)
+    check_head(loaded.model, dataset, loaded.input_size)
+    t0 = time.perf_counter()
+    history = fit(loaded.model, dataset, cfg, out_dir=out, resume=resume)
+    return _finish(loaded, loaded.model, dataset, cfg, history, out, time.perf_counter() - t0, "train")
+
+
+def _class_count(data: str) -> int:
+    if data == "digits":
+        return 10
+    from .data import _folder_splits
+
+    root = Path(data)
+    if not root.is_dir():
+        load_data(data)  # raises the one-line error
+    return len(_folder_splits(root, 0.2, 0)[0])
+
+
+def finetune(
+    model: str | nn.Module | LoadedModel,
+    data: str = "digits",
+    cfg: TrainConfig | None = None,
+    *,
+    teacher: str | nn.Module | LoadedModel | None = None,
+    out: str | Path | None = None,
+    resume: bool = False,
+    force: bool = False,
+    limit: int | None = None,
+) -> TrainResult:
+    """Fine-tune an artifact (or model) on ``data``, distilling from ``teacher`` when given."""
+    cfg = cfg or TrainConfig(epochs=3, lr=0.01, warmup_epochs=0.0)
+    out = _prepare_out(out, force=force, resume=resume)
+    loaded = model if isinstance(model, LoadedModel) else load_model(model)
+    dataset = data_for(data, loaded, limit=limit, seed=cfg.seed)
+    check_head(loaded.model, dataset, loaded.input_size)
+    teacher_model = None
+    if teacher is not None:
+        teacher_model = teacher.model if isinstance(teacher, LoadedModel) else (
+            teacher if isinstance(teacher, nn.Module) else load_model(teacher).model)
+        teacher_model = copy.deepcopy(teacher_model)
+        check_head(teacher_model, dataset, loaded.input_size)
+    before = evaluate(loaded.model, dataset)
+    t0 = time.perf_counter()
+    history = fit(loaded.model, dataset, cfg, teacher=teacher_model, out_dir=out, resume=resume)
+    return _finish(loaded, loaded.model, dataset, cfg, history, out, time.perf_counter() - t0, "finetune",
+                   {"before": before, "teacher": teacher if isinstance(teacher, str) else None})
+
+
+def evaluate_model(model: str | nn.Module | LoadedModel, data: str = "digits", *, batch_size: int = 256,
+                   limit: int | None = None) -> dict[str, float]:
+    """Top-1, top-5 and loss of a model or artifact on the val split of ``data``."""
+    loaded = model if isinstance(model, LoadedModel) else load_model(model)
+    dataset = data_for(data, loaded, limit=limit)
+    check_head(loaded.model, dataset, loaded.input_size)
+    return evaluate(loaded.model, dataset, batch_size=batch_size)

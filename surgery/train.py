@@ -1,0 +1,381 @@
+"""One training loop for `train` (from scratch) and `finetune` (after surgery, optionally distilled).
+
+CUDA when available (autocast, channels_last, optional torch.compile), CPU otherwise;
+several processes through torchrun (DDP: NCCL on GPU, Gloo on CPU). Each epoch's data
+order and augmentation depend only on (seed, epoch), so a resumed run ends with the
+same weights as an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import time
+from collections.abc import Callable
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+from .data import ImageData, make_loader
+from .errors import SurgeryError
+
+log = logging.getLogger(__name__)
+
+CHECKPOINT_DIR = "checkpoint"
+
+
+@dataclass
+class TrainConfig:
+    """Hyper-parameters of one run. ``lr``/``weight_decay`` None: a default per optimizer."""
+
+    epochs: int = 10
+    max_steps: int | None = None  # a step budget: stop after this many optimizer steps
+    batch_size: int = 64  # global: split over the processes of a DDP run
+    optimizer: Literal["sgd", "adamw"] = "sgd"
+    lr: float | None = None
+    momentum: float = 0.9
+    weight_decay: float | None = None
+    warmup_epochs: float = 1.0
+    min_lr_ratio: float = 0.01
+    label_smoothing: float = 0.1
+    distill_weight: float = 0.5  # share of the KL term when a teacher is given
+    distill_temperature: float = 4.0
+    seed: int = 0
+    amp: bool | None = None  # None: on with CUDA
+    channels_last: bool | None = None  # None: on with CUDA
+    compile: bool = False
+    deterministic: bool = False
+    progress: bool = True
+
+    def resolved_lr(self) -> float:
+        return self.lr if self.lr is not None else (0.1 if self.optimizer == "sgd" else 1e-3)
+
+    def resolved_weight_decay(self) -> float:
+        if self.weight_decay is not None:
+            return self.weight_decay
+        return 5e-4 if self.optimizer == "sgd" else 0.05
+
+
+@dataclass
+class RunState:
+    """What a checkpoint holds besides tensors: JSON, so resuming never unpickles."""
+
+    epoch: int = 0  # epochs fully done
+    step: int = 0  # optimizer steps done in total
+    batches_in_epoch: int = 0  # batches of the current epoch done (an interrupted epoch)
+    history: list[dict[str, Any]] = field(default_factory=list)
+
+
+# --- processes and devices ---------------------------------------------------------------
+
+
+@dataclass
+class Dist:
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+
+def setup_distributed() -> Dist:
+    """Join the torchrun process group when launched by torchrun, else a single process."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return Dist()
+    if not dist.is_initialized():
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        dist.init_process_group(backend)
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    if torch.cuda.is_available():
+        torch.cuda.set_device(local)
+    return Dist(dist.get_rank(), dist.get_world_size(), local)
+
+
+def pick_device(d: Dist) -> torch.device:
+    return torch.device("cuda", d.local_rank) if torch.cuda.is_available() else torch.device("cpu")
+
+
+def _amp_dtype() -> torch.dtype:
+    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+
+
+# --- schedule and losses --------------------------------------------------------------------
+
+
+def lr_at(step: int, total: int, warmup: int, base: float, min_ratio: float) -> float:
+    """Linear warm-up, then cosine decay to ``base * min_ratio``: a pure function of the step."""
+    if warmup > 0 and step < warmup:
+        return base * (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return base * (min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
+
+
+def distill_loss(student: torch.Tensor, teacher: torch.Tensor, temperature: float) -> torch.Tensor:
+    """KL(teacher || student) on logits softened by ``temperature``, scaled by T^2 (Hinton et al.)."""
+    t = temperature
+    return F.kl_div(F.log_softmax(student / t, -1), F.log_softmax(teacher / t, -1),
+                    reduction="batchmean", log_target=True) * t * t
+
+
+def _param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    # No decay on norms and biases: the usual recipe, and it keeps BN scales meaningful.
+    decay, no_decay = [], []
+    for p in model.parameters():
+        if p.requires_grad:
+            (no_decay if p.ndim <= 1 else decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
+    groups = _param_groups(model, cfg.resolved_weight_decay())
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(groups, lr=cfg.resolved_lr(), momentum=cfg.momentum, nesterov=True)
+    return torch.optim.AdamW(groups, lr=cfg.resolved_lr())
+
+
+# --- evaluation ------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, data: ImageData | Any, *, batch_size: int = 256, device: torch.device | None = None,
+             d: Dist | None = None) -> dict[str, float]:
+    """Top-1, top-5 and mean cross-entropy on the val split (sharded over DDP ranks)."""
+    d = d or Dist()
+    device = device or next(model.parameters()).device
+    dataset = data.val if isinstance(data, ImageData) else data
+    if d.world > 1:
+        dataset = torch.utils.data.Subset(dataset, range(d.rank, len(dataset), d.world))
+    loader = make_loader(dataset, batch_size, train=False)
+    was_training = model.training
+    model.eval()
+    totals = torch.zeros(4, dtype=torch.float64, device=device)  # loss, top1, top5, n
+    for x, y in loader:
+        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        logits = model(x).float()
+        k = min(5, logits.shape[1])
+        topk = logits.topk(k, dim=1).indices
+        hit = topk == y[:, None]
+        totals += torch.stack([F.cross_entropy(logits, y, reduction="sum").double(), hit[:, 0].sum().double(),
+                               hit.any(1).sum().double(), torch.tensor(float(len(y)), device=device).double()])
+    if d.world > 1:
+        dist.all_reduce(totals)
+    model.train(was_training)
+    n = max(1.0, totals[3].item())
+    return {"val_loss": totals[0].item() / n, "val_top1": totals[1].item() / n, "val_top5": totals[2].item() / n,
+            "val_images": int(totals[3].item())}
+
+
+def check_head(model: nn.Module, data: ImageData, input_size: tuple[int, ...]) -> None:
+    """The model's output count must equal the data's class count; say how to fix it."""
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    with torch.no_grad():
+        out = model(torch.zeros(1, *input_size, device=device))
+    model.train(was_training)
+    if out.shape[-1] != data.num_classes:
+        raise SurgeryError(
+            f"the model has {out.shape[-1]} outputs but {data.name} has {data.num_classes} classes; "
+            f"build it with --num-classes {data.num_classes}, or give an artifact a new head with "
+            f"`surgery apply DIR --pass head:num_classes={data.num_classes}`"
+        )
+
+
+# --- checkpoints ---------------------------------------------------------------------------
+
+
+def save_checkpoint(directory: Path, model: nn.Module, optimizer: torch.optim.Optimizer, state: RunState,
+                    cfg: TrainConfig) -> None:
+    """Weights (safetensors), optimizer tensors (torch.save, read back with weights_only) and JSON state."""
+    from safetensors.torch import save_model
+
+    directory.mkdir(parents=True, exist_ok=True)
+    # Write then rename, so an interruption mid-write never corrupts the last good checkpoint.
+    save_model(model, str(directory / "model.safetensors.tmp"))
+    torch.save(optimizer.state_dict(), directory / "optimizer.pt.tmp")
+    (directory / "state.json.tmp").write_text(json.dumps({"state": asdict(state), "config": asdict(cfg)}, indent=1))
+    for name in ("model.safetensors", "optimizer.pt", "state.json"):
+        os.replace(directory / f"{name}.tmp", directory / name)
+
+
+def load_checkpoint(directory: Path, model: nn.Module, optimizer: torch.optim.Optimizer) -> RunState:
+    from safetensors.torch import load_model
+
+    if not (directory / "state.json").is_file():
+        raise SurgeryError(f"no checkpoint in {directory}; run without --resume to start fresh")
+    try:
+        saved = json.loads((directory / "state.json").read_text())
+        load_model(model, str(directory / "model.safetensors"), strict=True)
+        optimizer.load_state_dict(torch.load(directory / "optimizer.pt", map_location="cpu", weights_only=True))
+    except (OSError, ValueError, RuntimeError, KeyError) as exc:
+        raise SurgeryError(f"checkpoint in {directory} is damaged ({type(exc).__name__}); start without --resume") \
+            from None
+    return RunState(**saved["state"])
+
+
+# --- the loop ---------------------------------------------------------------------------------
+
+
+def _seed_everything(seed: int) -> None:
+    import random
+
+    import numpy as np
+
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def fit(
+    model: nn.Module,
+    data: ImageData,
+    cfg: TrainConfig,
+    *,
+    teacher: nn.Module | None = None,
+    out_dir: str | Path | None = None,
+    resume: bool = False,
+    on_epoch: Callable[[dict[str, Any]], None] | None = None,
+) -> list[dict[str, Any]]:
+    """Train ``model`` in place on ``data``; returns the per-epoch history.
+
+    With ``out_dir`` a checkpoint is written after every epoch (and on Ctrl-C) to
+    ``out_dir/checkpoint``, rank 0 only; ``resume`` continues from it exactly.
+    """
+    d = setup_distributed()
+    device = pick_device(d)
+    use_cuda = device.type == "cuda"
+    amp = cfg.amp if cfg.amp is not None else use_cuda
+    channels_last = cfg.channels_last if cfg.channels_last is not None else use_cuda
+    if cfg.deterministic:
+        torch.use_deterministic_algorithms(True, warn_only=True)
+    _seed_everything(cfg.seed)
+    if cfg.batch_size % d.world:
+        raise SurgeryError(f"--batch-size {cfg.batch_size} must divide by the {d.world} processes")
+    per_rank_batch = cfg.batch_size // d.world
+
+    model.to(device)
+    if channels_last:
+        model.to(memory_format=torch.channels_last)
+    if teacher is not None:
+        teacher.to(device).eval()
+        for p in teacher.parameters():
+            p.requires_grad_(False)
+    optimizer = make_optimizer(model, cfg)
+    ckpt_dir = Path(out_dir) / CHECKPOINT_DIR if out_dir is not None else None
+    state = load_checkpoint(ckpt_dir, model, optimizer) if resume and ckpt_dir else RunState()
+    if resume and d.main:
+        log.info("resuming after epoch %d, step %d", state.epoch, state.step)
+
+    train_model: nn.Module = model
+    if d.world > 1:
+        from torch.nn.parallel import DistributedDataParallel as DDP
+
+        train_model = DDP(model, device_ids=[d.local_rank] if use_cuda else None)
+    if cfg.compile:
+        train_model = torch.compile(train_model)
+
+    steps_per_epoch = len(make_loader(data.train, per_rank_batch, train=True, rank=d.rank, world=d.world))
+    total_steps = cfg.epochs * steps_per_epoch
+    if cfg.max_steps is not None:
+        total_steps = min(total_steps, cfg.max_steps)
+    warmup = int(cfg.warmup_epochs * steps_per_epoch)
+    base_lr = cfg.resolved_lr()
+    scaler = torch.amp.GradScaler("cuda", enabled=amp and use_cuda and _amp_dtype() == torch.float16)
+    autocast = (lambda: torch.autocast("cuda", dtype=_amp_dtype())) if amp and use_cuda else nullcontext
+
+    def checkpoint() -> None:
+        if ckpt_dir is not None and d.main:
+            save_checkpoint(ckpt_dir, model, optimizer, state, cfg)
+
+    try:
+        for epoch in range(state.epoch, cfg.epochs):
+            if state.step >= total_steps:
+                break
+            torch.manual_seed(cfg.seed * 1000 + epoch)  # augmentation randomness of this epoch
+            loader = make_loader(data.train, per_rank_batch, train=True, seed=cfg.seed, epoch=epoch,
+                                 rank=d.rank, world=d.world)
+            train_model.train()
+            sums = {"loss": 0.0, "correct": 0.0, "n": 0.0, "distill": 0.0}
+            t0, seen, lr = time.perf_counter(), 0, None
+            bar = _progress(loader, epoch, cfg, d)
+            for i, (x, y) in enumerate(bar):
+                if i < state.batches_in_epoch:
+                    continue  # an interrupted epoch: these batches were already trained on
+                if state.step >= total_steps:
+                    break
+                x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+                if channels_last:
+                    x = x.contiguous(memory_format=torch.channels_last)
+                lr = lr_at(state.step, total_steps, warmup, base_lr, cfg.min_lr_ratio)
+                for g in optimizer.param_groups:
+                    g["lr"] = lr
+                with autocast():
+                    logits = train_model(x)
+                    loss = F.cross_entropy(logits.float(), y, label_smoothing=cfg.label_smoothing)
+                    if teacher is not None:
+                        with torch.no_grad():
+                            t_logits = teacher(x).float()
+                        kd = distill_loss(logits.float(), t_logits, cfg.distill_temperature)
+                        loss = (1 - cfg.distill_weight) * loss + cfg.distill_weight * kd
+                        sums["distill"] += kd.item() * len(y)
+                optimizer.zero_grad(set_to_none=True)
+                scaler.scale(loss).backward()
+                scaler.step(optimizer)
+                scaler.update()
+                state.step += 1
+                state.batches_in_epoch = i + 1
+                sums["loss"] += loss.item() * len(y)
+                sums["correct"] += (logits.argmax(1) == y).sum().item()
+                sums["n"] += len(y)
+                seen += len(y) * d.world
+                if hasattr(bar, "set_postfix"):
+                    bar.set_postfix(loss=f"{sums['loss'] / sums['n']:.3f}", acc=f"{sums['correct'] / sums['n']:.3f}",
+                                    img_s=f"{seen / (time.perf_counter() - t0):.0f}", lr=f"{lr:.2e}")
+            seconds = time.perf_counter() - t0
+            n = max(1.0, sums["n"])
+            record = {"epoch": epoch + 1, "step": state.step, "lr": lr,
+                      "train_loss": sums["loss"] / n, "train_acc": sums["correct"] / n,
+                      "images_per_s": seen / max(seconds, 1e-9), "seconds": seconds}
+            if teacher is not None:
+                record["distill_loss"] = sums["distill"] / n
+            record.update(evaluate(model, data, batch_size=max(per_rank_batch, 64), device=device, d=d))
+            state.history.append(record)
+            state.epoch, state.batches_in_epoch = epoch + 1, 0
+            if d.main:
+                log.info("epoch %d/%d  loss %.4f  acc %.3f  | val top1 %.4f top5 %.4f loss %.4f | %.0f img/s  %.1fs",
+                         epoch + 1, cfg.epochs, record["train_loss"], record["train_acc"], record["val_top1"],
+                         record["val_top5"], record["val_loss"], record["images_per_s"], seconds)
+            checkpoint()
+            if on_epoch is not None:
+                on_epoch(record)
+    except KeyboardInterrupt:
+        checkpoint()
+        raise SurgeryError(f"interrupted at epoch {state.epoch + 1}, step {state.step}; "
+                           f"{'continue with --resume' if ckpt_dir else 'nothing was saved (no --out)'}") from None
+    model.eval()
+    return state.history
+
+
+def _progress(loader, epoch: int, cfg: TrainConfig, d: Dist):
+    if not (cfg.progress and d.main):
+        return loader
+    from tqdm.auto import tqdm
+
+    return tqdm(loader, desc=f"epoch {epoch + 1}/{cfg.epochs}", leave=False, dynamic_ncols=True, unit="batch")
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    while hasattr(model, "module") and isinstance(model.module, nn.Module):
+        model = model.module
+    return getattr(model, "_orig_mod", model)
