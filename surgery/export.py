@@ -89,8 +89,9 @@ def _quiet() -> Iterator[list[str]]:
     # torch's setup_onnx_logging tests the function object instead of calling it, so the
     # TorchScript exporter switches the C++ ONNX log on and never off again; undo that.
     onnx_log = getattr(torch._C, "_jit_is_onnx_log_enabled", lambda: False)()
-    sys.stdout.flush()
-    sys.stderr.flush()
+    for stream in (sys.stdout, sys.stderr):  # what Python buffered belongs before the redirect
+        if stream is not None:
+            stream.flush()
     with contextlib.ExitStack() as stack:
         sink = stack.enter_context(tempfile.TemporaryFile(mode="w+", errors="replace"))
         stack.enter_context(warnings.catch_warnings())

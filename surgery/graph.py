@@ -5,8 +5,10 @@ Shared graph machinery lives here once; passes import it, never copy it.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import inspect
+import io
 import logging
 import warnings
 from collections.abc import Iterable, Sequence
@@ -146,8 +148,13 @@ def _output_scale(out: Any) -> float:
 
 def propagate_shapes(gm: fx.GraphModule, example_inputs: Any) -> Any:
     """Annotate every node with ``meta['tensor_meta']`` (shape, dtype); returns the output."""
-    with torch.no_grad():
-        return ShapeProp(gm).propagate(*_as_tuple(example_inputs))
+    printed = io.StringIO()  # ShapeProp prints a traceback before it re-raises: keep it for the log
+    try:
+        with torch.no_grad(), contextlib.redirect_stderr(printed):
+            return ShapeProp(gm).propagate(*_as_tuple(example_inputs))
+    except Exception:
+        log.debug("shape propagation failed:\n%s", printed.getvalue())
+        raise
 
 
 def trace(
@@ -167,6 +174,16 @@ def trace(
     inputs = _as_tuple(example_inputs)
     was_training = model.training
     model = copy.deepcopy(model).eval()
+    # The eager forward first: it is the reference, and the clearest test of the input size.
+    try:
+        with torch.no_grad():
+            eager_out = model(*inputs)
+    except Exception as exc:  # noqa: BLE001 - any failure here means the input does not fit
+        size = "x".join(str(d) for d in inputs[0].shape[1:]) if isinstance(inputs[0], torch.Tensor) else "?"
+        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+        raise SurgeryError(
+            f"input {size} does not fit {type(model).__name__} ({reason}); choose another --input-size"
+        ) from exc
     concrete = _concrete_args(model, len(inputs))
     leaves = set(leaf_modules)
     fallbacks: list[str] = []
@@ -195,20 +212,8 @@ def trace(
     gm.meta["surgery"] = info
     if fallbacks:
         log.warning("traced with %d untraceable submodule(s) as leaves: %s", len(fallbacks), ", ".join(fallbacks))
-    try:
-        graph_out = propagate_shapes(gm, inputs)
-    except Exception as exc:  # noqa: BLE001
-        root = exc
-        while root.__cause__ is not None:  # ShapeProp wraps the real error
-            root = root.__cause__
-        size = "x".join(str(d) for d in inputs[0].shape[1:]) if isinstance(inputs[0], torch.Tensor) else "?"
-        reason = (str(root).strip().splitlines() or [type(root).__name__])[0][:200]
-        raise SurgeryError(
-            f"input {size} does not fit {type(model).__name__} ({reason}); choose another --input-size"
-        ) from exc
+    graph_out = propagate_shapes(gm, inputs)
     if verify:
-        with torch.no_grad():
-            eager_out = model(*inputs)
         diff = compare_outputs(eager_out, graph_out)
         scale = _output_scale(eager_out)
         info.max_abs_diff = diff

@@ -26,9 +26,9 @@ def test_help_lists_every_verb():
 
 def test_passes_lists_options_from_the_dataclasses():
     out = run("passes").stdout
-    assert "fuse: Fold BatchNorm" in out and "skip (str, default '')" in out
-    data = json.loads(run("passes", "--json").stdout)
-    assert data[0]["name"] == "fuse"
+    assert "fuse: Fold BatchNorm" in out and "skip (list[str], default [])" in out
+    data = {p["name"]: p for p in json.loads(run("passes", "--json").stdout)}
+    assert data["fuse"]["options"][0]["name"] == "skip"
 
 
 def test_apply_writes_all_four_files_and_they_reload(tmp_path):
@@ -99,3 +99,31 @@ def test_cli_and_api_agree(tmp_path):
     with torch.no_grad():
         # Same spec, different random init: the architecture matches, the weights need not.
         assert surgery.load(tmp_path / "cli")(x).shape == api.model(x).shape
+
+
+def test_train_fuse_evaluate_finetune_chain(tmp_path):
+    base, fused, tuned = tmp_path / "base", tmp_path / "fused", tmp_path / "tuned"
+    quick = ["--limit", "96", "--input-size", "16", "--batch-size", "32"]
+    trained = json.loads(run("train", "resnet18", "--data", "digits", "--epochs", "1", "--out", str(base),
+                             "--json", *quick).stdout)
+    assert (base / "history.json").is_file() and trained["history"][0]["epoch"] == 1
+    run("apply", str(base), "--pass", "fuse", "--out", str(fused), "--no-latency")
+    before = json.loads(run("evaluate", str(base), "--limit", "96", "--json").stdout)
+    after = json.loads(run("evaluate", str(fused), "--limit", "96", "--json").stdout)
+    assert after["val_top1"] == before["val_top1"]  # fuse keeps the accuracy exactly
+    assert abs(after["val_loss"] - before["val_loss"]) < 1e-4
+    out = json.loads(run("finetune", str(fused), "--teacher", str(base), "--epochs", "1", "--out", str(tuned),
+                         "--json", "--limit", "96", "--batch-size", "32").stdout)
+    assert out["history"][0]["distill_loss"] > 0
+    assert json.loads((tuned / "recipe.json").read_text())["passes"][0]["pass"] == "fuse"
+
+
+@pytest.mark.parametrize("args,message", [
+    (["train", "resnet18", "--data", "no/such/folder"], "data 'no/such/folder' not found"),
+    (["evaluate", "resnet18", "--data", "digits", "--num-classes", "5"], "has 5 outputs but digits has 10"),
+    (["finetune", "resnet18", "--out", "x", "--resume"], "holds no checkpoint"),
+])
+def test_training_bad_input(args, message, tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "surgery", *args], capture_output=True, text=True,
+                          cwd=tmp_path, timeout=300)
+    assert proc.returncode == 2 and message in proc.stderr and "Traceback" not in proc.stderr, proc.stderr

@@ -164,3 +164,15 @@ def test_unexportable_model_is_one_line_surgery_error(tmp_path, capfd):
     message = str(info.value)
     assert "\n" not in message
     assert "dynamo exporter" in message and "torchscript exporter" in message
+
+
+def test_large_model_goes_to_external_data(tmp_path, monkeypatch):
+    # Lower the 2 GB threshold rather than allocate 2 GB: the external-data path is what matters.
+    monkeypatch.setattr("surgery.export.SINGLE_FILE_LIMIT", 1000)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 16, 3), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 10))
+    path = export_onnx(model.eval(), torch.randn(1, 3, 16, 16), tmp_path / "m.onnx")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx", "m.onnx.data"]
+    result = verify_onnx(model, path, (3, 16, 16))
+    assert result["exporter"] == "dynamo" and result["parity"]["ok"]
+    assert result["bytes"] == path.stat().st_size + (tmp_path / "m.onnx.data").stat().st_size

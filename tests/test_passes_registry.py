@@ -13,12 +13,12 @@ def test_registry_lists_fuse_with_its_options():
     fuse = described["fuse"]
     assert fuse["doc"].startswith("Fold BatchNorm")
     assert [o["name"] for o in fuse["options"]] == [f.name for f in dataclasses.fields(FuseConfig)]
-    assert fuse["options"][0]["type"] == "str"
+    assert fuse["options"][0]["type"] == "list[str]"
 
 
 def test_parse_spec_builds_typed_config():
     name, cfg = passes.parse_spec("fuse:skip=layer1.*")
-    assert name == "fuse" and cfg == FuseConfig(skip="layer1.*")
+    assert name == "fuse" and cfg == FuseConfig(skip=["layer1.*"])
     assert passes.parse_spec(" fuse ")[1] == FuseConfig()
 
 

@@ -23,7 +23,7 @@ from . import PassContext, register
 class FuseConfig:
     """Fold BatchNorm into the preceding conv/linear (function-preserving, for inference)."""
 
-    skip: str = field(default="", metadata={"doc": "glob(s) of norm module names to leave, joined by +"})
+    skip: list[str] = field(default_factory=list, metadata={"doc": "glob(s) of norm module names to leave, joined by +"})
 
 
 def _norm_types() -> tuple[type, ...]:
@@ -121,7 +121,7 @@ def fuse(gm: fx.GraphModule, cfg: FuseConfig, ctx: PassContext) -> fx.GraphModul
     if ctx.replay:
         pairs = [tuple(p) for p in ctx.plan.get("folded", [])]
     else:
-        pairs = _candidates(gm, [s for s in cfg.skip.split("+") if s])
+        pairs = _candidates(gm, cfg.skip)
     nodes = {n.target: n for n in gm.graph.nodes if n.op == "call_module"}
     folded_acts = 0
     for producer_name, norm_name in pairs:
