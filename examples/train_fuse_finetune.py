@@ -1,0 +1,21 @@
+"""Train a baseline on the built-in digits set, rewrite it, and recover with distillation.
+
+    python examples/train_fuse_finetune.py
+"""
+
+import surgery
+from surgery.models import LoadedModel
+from surgery.tasks import evaluate_model, finetune, train
+from surgery.train import TrainConfig
+
+base = train("resnet18", "digits", TrainConfig(epochs=3), out="runs/example/base", force=True)
+print("baseline val top-1:", base.metrics["val_top1"])
+
+result = surgery.apply("runs/example/base", ["fuse"], measure=False)
+result.save("runs/example/fused", force=True)
+print("after fuse:", evaluate_model("runs/example/fused", "digits")["val_top1"])
+
+rewritten = LoadedModel(result.model, result.input_size, result.recipe["source"], result.recipe["passes"])
+tuned = finetune(rewritten, "digits", TrainConfig(epochs=1, lr=0.01, warmup_epochs=0),
+                 teacher=base.model, out="runs/example/tuned", force=True)
+print("after a distilled epoch:", tuned.metrics["val_top1"])
