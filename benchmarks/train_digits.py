@@ -19,7 +19,6 @@ from pathlib import Path
 import torch
 
 import surgery
-from surgery.models import LoadedModel
 from surgery.tasks import evaluate_model, finetune, train
 from surgery.train import TrainConfig
 
@@ -45,8 +44,7 @@ def main() -> None:
     fuse_s = time.perf_counter() - t0
     fused_metrics = evaluate_model(str(out / "fused"), "digits")
 
-    tuned = finetune(LoadedModel(fused.model, fused.input_size, fused.recipe["source"], fused.recipe["passes"]),
-                     "digits", TrainConfig(epochs=args.finetune_epochs, lr=0.01, warmup_epochs=0.0),
+    tuned = finetune(fused.as_loaded(), "digits", TrainConfig(epochs=args.finetune_epochs, lr=0.01, warmup_epochs=0.0),
                      teacher=str(out / "base"), out=out / "tuned", force=True)
 
     rows = [

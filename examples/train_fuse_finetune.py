@@ -4,7 +4,6 @@
 """
 
 import surgery
-from surgery.models import LoadedModel
 from surgery.tasks import evaluate_model, finetune, train
 from surgery.train import TrainConfig
 
@@ -15,7 +14,6 @@ result = surgery.apply("runs/example/base", ["fuse"], measure=False)
 result.save("runs/example/fused", force=True)
 print("after fuse:", evaluate_model("runs/example/fused", "digits")["val_top1"])
 
-rewritten = LoadedModel(result.model, result.input_size, result.recipe["source"], result.recipe["passes"])
-tuned = finetune(rewritten, "digits", TrainConfig(epochs=1, lr=0.01, warmup_epochs=0),
+tuned = finetune(result.as_loaded(), "digits", TrainConfig(epochs=1, lr=0.01, warmup_epochs=0),
                  teacher=base.model, out="runs/example/tuned", force=True)
 print("after a distilled epoch:", tuned.metrics["val_top1"])

@@ -154,13 +154,10 @@ def cmd_apply(args: argparse.Namespace) -> int:
         for side in ("before", "after"):
             result.report.get(side, {}).pop("latency_ms", None)
     if args.finetune_epochs:
-        from .models import LoadedModel
         from .tasks import finetune
 
         log.info("fine-tuning for %d epoch(s) on %s, distilling from the original", args.finetune_epochs, args.data)
-        rewritten = LoadedModel(result.model, tuple(result.recipe["input_size"]), result.recipe["source"],
-                                result.recipe["passes"])
-        tuned = finetune(rewritten, args.data, _train_config(args, finetune=True), teacher=result.original,
+        tuned = finetune(result.as_loaded(), args.data, _train_config(args, finetune=True), teacher=result.original,
                          limit=args.limit)
         result.report["finetune"] = {"before": tuned.history and tuned.history[0], "after": tuned.metrics,
                                      "history": tuned.history, "seconds": tuned.seconds}

@@ -63,6 +63,10 @@ class SurgeryResult:
     def input_size(self) -> tuple[int, ...]:
         return tuple(self.recipe["input_size"])
 
+    def as_loaded(self) -> LoadedModel:
+        """The rewritten model with its provenance: what train/finetune/apply accept to chain on."""
+        return LoadedModel(self.model, self.input_size, self.recipe["source"], self.recipe["passes"])
+
     def save(self, out: str | Path, *, onnx: bool = False, force: bool = False) -> Path:
         """Write recipe.json, model.safetensors, report.json (and model.onnx) to ``out``."""
         from .artifact import save_artifact

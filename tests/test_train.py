@@ -76,8 +76,8 @@ def test_train_and_finetune_with_teacher_write_artifacts(tmp_path):
     assert (tmp_path / "base" / "history.json").is_file()
     assert (tmp_path / "base" / "checkpoint" / "model.safetensors").is_file()
     fused = surgery.apply(loaded(surgery.load(tmp_path / "base", base_model=tiny_cnn())), "fuse", measure=False)
-    tuned = finetune(LoadedModel(fused.model, (3, 16, 16), fused.recipe["source"], fused.recipe["passes"]),
-                     "digits", TrainConfig(epochs=1, **FAST), teacher=base.model, out=tmp_path / "tuned", limit=96)
+    tuned = finetune(fused.as_loaded(), "digits", TrainConfig(epochs=1, **FAST), teacher=base.model,
+                     out=tmp_path / "tuned", limit=96)
     history = json.loads((tmp_path / "tuned" / "history.json").read_text())
     assert history[0]["distill_loss"] > 0
     report = json.loads((tmp_path / "tuned" / "report.json").read_text())

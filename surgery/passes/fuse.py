@@ -23,7 +23,8 @@ from . import PassContext, register
 class FuseConfig:
     """Fold BatchNorm into the preceding conv/linear (function-preserving, for inference)."""
 
-    skip: list[str] = field(default_factory=list, metadata={"doc": "glob(s) of norm module names to leave, joined by +"})
+    skip: list[str] = field(default_factory=list,
+                            metadata={"doc": "glob(s) of norm module names to leave, joined by +"})
 
 
 def _norm_types() -> tuple[type, ...]:
