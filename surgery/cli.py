@@ -105,6 +105,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--limit", type=int, help=argparse.SUPPRESS)
 
+    p = sub.add_parser("entropy", help="dataset entropy (EBCLE): mean per-image pixel entropy")
+    p.add_argument("data", help="digits (built in) or an ImageFolder path")
+    p.add_argument("--bits", action="store_true", help="base 2 instead of nats")
+    p.add_argument("--plot", help="write a PNG histogram of the per-image values here")
+    p.add_argument("--json", action="store_true", help="print as JSON")
+
     p = sub.add_parser("passes", help="list the passes with their options")
     p.add_argument("--json", action="store_true", help="print as JSON")
 
@@ -282,9 +288,22 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_entropy(args: argparse.Namespace) -> int:
+    from .entropy import dataset_entropy, plot_histogram
+
+    stats = dataset_entropy(args.data, bits=args.bits, progress=not args.quiet)
+    text = (f"{args.data}: entropy {stats.mean:.4f} {stats.unit} (std {stats.std:.4f}, "
+            f"min {stats.min:.4f}, max {stats.max:.4f}) over {stats.images} images")
+    if args.plot:
+        plot_histogram(stats, args.plot)
+        text += f"\nhistogram: {args.plot}"
+    _emit(args, stats.to_dict(), text)
+    return 0
+
+
 COMMANDS = {
     "apply": cmd_apply, "passes": cmd_passes, "inspect": cmd_inspect, "export": cmd_export,
-    "train": cmd_train, "finetune": cmd_finetune, "evaluate": cmd_evaluate,
+    "train": cmd_train, "finetune": cmd_finetune, "evaluate": cmd_evaluate, "entropy": cmd_entropy,
 }
 
 
