@@ -83,18 +83,24 @@ def _to_graph(loaded: LoadedModel, example: torch.Tensor, leaf_modules: Sequence
 
 
 def _run_passes(gm: fx.GraphModule, steps: list[tuple[registry.PassInfo, Any, dict | None]],
-                example: torch.Tensor) -> tuple[fx.GraphModule, list[dict[str, Any]]]:
+                example: torch.Tensor) -> tuple[fx.GraphModule, list[dict[str, Any]], torch.Tensor]:
+    """Run passes in order; a pass that changes the input size (rescale) changes the example too."""
     records = []
     for info, cfg, plan in steps:
-        ctx = registry.PassContext(example_inputs=(example,), plan=dict(plan or {}), replay=plan is not None)
+        size = tuple(example.shape[1:])
+        ctx = registry.PassContext(example_inputs=(example,), plan=dict(plan or {}), replay=plan is not None,
+                                   input_size=size)
         gm = info.run(gm, cfg, ctx)
         if not isinstance(gm, fx.GraphModule):
             raise TypeError(f"pass {info.name} returned {type(gm).__name__}, not a GraphModule")
+        record = {"pass": info.name, "config": registry.config_to_dict(cfg), "plan": ctx.plan, "notes": ctx.notes}
+        if tuple(ctx.input_size) != size:
+            example = example_batch(ctx.input_size, batch=example.shape[0])
+            record["input_size"] = list(ctx.input_size)
         gm.eval()
         propagate_shapes(gm, example)
-        records.append({"pass": info.name, "config": registry.config_to_dict(cfg),
-                        "plan": ctx.plan, "notes": ctx.notes})
-    return gm, records
+        records.append(record)
+    return gm, records, example
 
 
 def apply(
@@ -125,19 +131,20 @@ def apply(
     gm = _to_graph(loaded, example, leaf_modules)
     if not isinstance(loaded.model, fx.GraphModule):
         leaf_modules = gm.meta["surgery"].leaf_fallbacks
-    gm, records = _run_passes(gm, [(info, cfg, None) for info, cfg in steps], example)
+    gm, records, final_example = _run_passes(gm, [(info, cfg, None) for info, cfg in steps], example)
     source = dict(loaded.source)
+    source.setdefault("input_size", list(loaded.input_size))  # the size the source is traced at
     if leaf_modules:
         source["leaf_modules"] = list(leaf_modules)
     recipe = {
         "format": RECIPE_FORMAT,
         "source": source,
-        "input_size": list(loaded.input_size),
-        "passes": loaded.passes + [{k: r[k] for k in ("pass", "config", "plan")} for r in records],
+        "input_size": list(final_example.shape[1:]),
+        "passes": loaded.passes + [{k: v for k, v in r.items() if k != "notes"} for r in records],
     }
     report: dict[str, Any] = {"model": loaded.name, "passes": records}
     if measure:
-        report.update(compare_models(loaded.model, gm, loaded.input_size))
+        report.update(compare_models(loaded.model, gm, loaded.input_size, tuple(final_example.shape[1:])))
     return SurgeryResult(model=gm, report=report, recipe=recipe, original=loaded.model)
 
 
@@ -145,11 +152,11 @@ def rebuild(recipe: dict[str, Any], base_model: nn.Module | None = None) -> fx.G
     """The architecture a recipe describes, with fresh weights: source, trace, replayed passes."""
     source = recipe["source"]
     model = base_model if base_model is not None else build_source(source)
-    example = example_batch(recipe["input_size"])
+    example = example_batch(source.get("input_size", recipe["input_size"]))
     gm = trace(model, example, leaf_modules=source.get("leaf_modules", ()), verify=False)
     steps = []
     for step in recipe["passes"]:
         info = registry.get(step["pass"])
         steps.append((info, registry.make_config(step["pass"], step.get("config", {})), step.get("plan", {})))
-    gm, _ = _run_passes(gm, steps, example)
+    gm, _, _ = _run_passes(gm, steps, example)
     return gm

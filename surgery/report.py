@@ -103,16 +103,24 @@ def model_stats(model: nn.Module, input_size: tuple[int, ...], *, latency: bool 
     return stats
 
 
-def compare_models(original: nn.Module, rewritten: nn.Module, input_size: tuple[int, ...], *,
-                   latency: bool = True, seed: int = 0) -> dict[str, Any]:
-    """Before/after stats and the drift of the rewritten model's output from the original's."""
-    x = torch.randn(4, *input_size, generator=torch.Generator().manual_seed(seed))
-    with torch.no_grad():
-        drift = output_drift(original.eval()(x), rewritten.eval()(x))
+def compare_models(original: nn.Module, rewritten: nn.Module, input_size: tuple[int, ...],
+                   new_input_size: tuple[int, ...] | None = None, *, latency: bool = True,
+                   seed: int = 0) -> dict[str, Any]:
+    """Before/after stats (each at its own input size) and the drift of the rewritten output.
+
+    Drift needs one input for both models: it is None when a pass changed the input size.
+    """
+    new_input_size = tuple(new_input_size or input_size)
+    drift = None
+    if new_input_size == tuple(input_size):
+        x = torch.randn(4, *input_size, generator=torch.Generator().manual_seed(seed))
+        with torch.no_grad():
+            drift = output_drift(original.eval()(x), rewritten.eval()(x))
     return {
         "input_size": list(input_size),
+        "new_input_size": list(new_input_size),
         "before": model_stats(original, input_size, latency=latency, seed=seed),
-        "after": model_stats(rewritten, input_size, latency=latency, seed=seed),
+        "after": model_stats(rewritten, new_input_size, latency=latency, seed=seed),
         "drift": drift,
     }
 
@@ -155,7 +163,10 @@ def format_table(report: dict[str, Any]) -> str:
              for r in rows]
     lines.insert(1, "-" * len(lines[0]))
     drift = report["drift"]
-    lines.append(f"output drift vs original: max|diff| {drift['max_abs']:.2e}, cosine {drift['cosine']:.6f}")
+    if drift is None:
+        lines.append(f"input size changed: {report['input_size']} -> {report['new_input_size']} (no drift measured)")
+    else:
+        lines.append(f"output drift vs original: max|diff| {drift['max_abs']:.2e}, cosine {drift['cosine']:.6f}")
     for step in report.get("passes", []):
         for note in step.get("notes", []):
             lines.append(f"[{step['pass']}] {note}")

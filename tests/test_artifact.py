@@ -26,7 +26,8 @@ def test_artifact_round_trip_reproduces_outputs(saved):
     result, out = saved
     assert sorted(p.name for p in out.iterdir()) == ["model.safetensors", "recipe.json", "report.json"]
     recipe = json.loads((out / "recipe.json").read_text())
-    assert recipe["source"] == {"kind": "timm", "name": "resnet18", "kwargs": {"in_chans": 3}}
+    assert recipe["source"] == {"kind": "timm", "name": "resnet18", "kwargs": {"in_chans": 3},
+                                "input_size": [3, 48, 48]}
     assert recipe["input_size"] == [3, 48, 48] and recipe["passes"][0]["pass"] == "fuse"
     model = surgery.load(out)
     x = torch.randn(3, 3, 48, 48)

@@ -31,6 +31,7 @@ class PassContext:
     plan: dict[str, Any] = field(default_factory=dict)
     replay: bool = False  # True when load() rebuilds: follow ``plan``, decide nothing anew
     notes: list[str] = field(default_factory=list)  # one-line facts for the report
+    input_size: tuple[int, ...] = ()  # (C, H, W) the graph takes; a pass that changes it sets it here
 
     def note(self, message: str) -> None:
         self.notes.append(message)
