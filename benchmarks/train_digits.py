@@ -44,7 +44,7 @@ def main() -> None:
     fuse_s = time.perf_counter() - t0
     fused_metrics = evaluate_model(str(out / "fused"), "digits")
 
-    tuned = finetune(fused.as_loaded(), "digits", TrainConfig(epochs=args.finetune_epochs, lr=0.01, warmup_epochs=0.0),
+    tuned = finetune(fused.as_loaded(), "digits", TrainConfig(epochs=args.finetune_epochs, lr=1e-3, warmup_epochs=0.0),
                      teacher=str(out / "base"), out=out / "tuned", force=True)
 
     rows = [

@@ -14,6 +14,6 @@ result = surgery.apply("runs/example/base", ["fuse"], measure=False)
 result.save("runs/example/fused", force=True)
 print("after fuse:", evaluate_model("runs/example/fused", "digits")["val_top1"])
 
-tuned = finetune(result.as_loaded(), "digits", TrainConfig(epochs=1, lr=0.01, warmup_epochs=0),
+tuned = finetune(result.as_loaded(), "digits", TrainConfig(epochs=1, lr=1e-3, warmup_epochs=0),
                  teacher=base.model, out="runs/example/tuned", force=True)
 print("after a distilled epoch:", tuned.metrics["val_top1"])

@@ -33,7 +33,7 @@ def _train_args(p: argparse.ArgumentParser, *, epochs: bool = True, default_epoc
         g.add_argument("--epochs", type=int, default=default_epochs)
     g.add_argument("--batch-size", type=int, default=64, help="global batch (split over torchrun processes)")
     g.add_argument("--optimizer", choices=["sgd", "adamw"], default="sgd")
-    g.add_argument("--lr", type=float, help="peak learning rate (default: 0.1 sgd, 1e-3 adamw; 0.01 finetune)")
+    g.add_argument("--lr", type=float, help="peak learning rate (default: 0.1 sgd, 1e-3 adamw; 0.001 finetune)")
     g.add_argument("--weight-decay", type=float)
     g.add_argument("--warmup-epochs", type=float)
     g.add_argument("--label-smoothing", type=float, default=0.1)
@@ -47,11 +47,12 @@ def _train_args(p: argparse.ArgumentParser, *, epochs: bool = True, default_epoc
 
 
 def _train_config(args: argparse.Namespace, *, finetune: bool = False):
+    from .tasks import FINETUNE_LR
     from .train import TrainConfig
 
     epochs = getattr(args, "epochs", None) or getattr(args, "finetune_epochs", 0)
     warmup = args.warmup_epochs if args.warmup_epochs is not None else (0.0 if finetune else 1.0)
-    lr = args.lr if args.lr is not None else (0.01 if finetune else None)
+    lr = args.lr if args.lr is not None else (FINETUNE_LR if finetune else None)
     return TrainConfig(epochs=epochs, max_steps=args.max_steps, batch_size=args.batch_size,
                        optimizer=args.optimizer, lr=lr, weight_decay=args.weight_decay, warmup_epochs=warmup,
                        label_smoothing=args.label_smoothing, distill_weight=args.distill_weight,

@@ -25,6 +25,8 @@ from .train import CHECKPOINT_DIR, TrainConfig, check_head, evaluate, fit, setup
 log = logging.getLogger(__name__)
 
 HISTORY = "history.json"
+# SGD at 0.01 wrecked a BN-folded resnet18 on digits (98% -> 17% val top-1); 0.001 kept 98%.
+FINETUNE_LR = 1e-3
 DIGITS_SIZE = 32
 
 
@@ -147,7 +149,7 @@ def finetune(
     limit: int | None = None,
 ) -> TrainResult:
     """Fine-tune an artifact (or model) on ``data``, distilling from ``teacher`` when given."""
-    cfg = cfg or TrainConfig(epochs=3, lr=0.01, warmup_epochs=0.0)
+    cfg = cfg or TrainConfig(epochs=3, lr=FINETUNE_LR, warmup_epochs=0.0)
     out = _prepare_out(out, force=force, resume=resume)
     loaded = model if isinstance(model, LoadedModel) else load_model(model)
     dataset = data_for(data, loaded, limit=limit, seed=cfg.seed)
