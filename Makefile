@@ -15,7 +15,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(VENV)/bin/surgery apply resnet50 --pass fuse --out $(DEMO_OUT) --onnx --force
+	$(VENV)/bin/surgery apply resnet50 --pass bilinear --out $(DEMO_OUT) --onnx --force
 
 test: $(STAMP)
 	$(PY) -m pytest -q

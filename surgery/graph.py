@@ -61,6 +61,8 @@ class SurgeryTracer(fx.Tracer):
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
         if module_qualified_name in self.leaf_names:
             return True
+        if type(m).__module__.startswith("surgery.nn"):  # modules our passes insert stay modules
+            return True
         if self.leaf_types and isinstance(m, self.leaf_types):
             return True
         return super().is_leaf_module(m, module_qualified_name)
