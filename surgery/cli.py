@@ -46,6 +46,33 @@ def _train_args(p: argparse.ArgumentParser, *, epochs: bool = True, default_epoc
     g.add_argument("--limit", type=int, help=argparse.SUPPRESS)  # first N images: quick runs and tests
 
 
+RESCALE_EPOCHS = 3  # default --rescale-epochs
+
+
+def _rescale_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("progressive resizing (kernel rescaling, pass `rescale`)")
+    g.add_argument("--rescale", type=float, metavar="FACTOR",
+                   help="train the first --rescale-epochs epochs at FACTOR x resolution with rescaled kernels "
+                        "(e.g. 0.5), then rescale the kernels back and finish at full size")
+    g.add_argument("--rescale-epochs", type=int, metavar="N", help="epochs at low resolution (default: 3)")
+    g.add_argument("--rescale-optimizer", choices=["reset", "carry"],
+                   help="at the switch, start the optimizer fresh (default) or carry its state over")
+
+
+def _schedule(args: argparse.Namespace):
+    from .errors import SurgeryError
+
+    if args.rescale is None:
+        if args.rescale_epochs is not None or args.rescale_optimizer is not None:
+            raise SurgeryError("--rescale-epochs and --rescale-optimizer need --rescale FACTOR, e.g. 0.5")
+        return None
+    from .schedule import ProgressiveResize
+
+    epochs = RESCALE_EPOCHS if args.rescale_epochs is None else args.rescale_epochs
+    return ProgressiveResize(factor=args.rescale, switch_epoch=epochs,
+                             reset_optimizer=args.rescale_optimizer != "carry")
+
+
 def _train_config(args: argparse.Namespace, *, finetune: bool = False):
     from .tasks import FINETUNE_LR
     from .train import TrainConfig
@@ -90,6 +117,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="replace a non-empty --out folder")
     p.add_argument("--resume", action="store_true", help="continue the interrupted run in --out")
     _train_args(p)
+    _rescale_args(p)
 
     p = sub.add_parser("finetune", help="fine-tune an artifact (after surgery), optionally distilling")
     _model_args(p)
@@ -99,6 +127,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="replace a non-empty --out folder")
     p.add_argument("--resume", action="store_true", help="continue the interrupted run in --out")
     _train_args(p, default_epochs=3)
+    _rescale_args(p)
 
     p = sub.add_parser("evaluate", help="top-1 / top-5 / loss on the val split")
     _model_args(p)
@@ -156,7 +185,7 @@ def cmd_apply(args: argparse.Namespace) -> int:
     log.info("loading %s", args.model)
     loaded = _load(args)
     log.info("tracing and running %s", " -> ".join(args.passes))
-    result = apply(loaded, args.passes, measure=True)
+    result = apply(loaded, args.passes, measure=True, data=args.data)
     if args.no_latency:
         for side in ("before", "after"):
             result.report.get(side, {}).pop("latency_ms", None)
@@ -256,6 +285,11 @@ def cmd_export(args: argparse.Namespace) -> int:
 def _print_metrics(args: argparse.Namespace, data: dict, title: str) -> None:
     m = data["metrics"] if "metrics" in data else data
     text = f"{title}: val top-1 {m['val_top1']:.4f}  top-5 {m['val_top5']:.4f}  loss {m['val_loss']:.4f}"
+    if "history" in data and any("phase" in h for h in data["history"]):
+        from .schedule import phase_summary
+
+        text += "".join(f"\n  {name} phase at {p['image_size']}x{p['image_size']}: {p['epochs']} epoch(s), "
+                        f"{p['images_per_s']:.0f} images/s" for name, p in phase_summary(data["history"]).items())
     _emit(args, data, text)
 
 
@@ -264,7 +298,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     result = train(args.model, args.data, _train_config(args), out=args.out, num_classes=args.num_classes,
                    input_size=args.input_size, weights=args.weights, resume=args.resume, force=args.force,
-                   limit=args.limit)
+                   limit=args.limit, schedule=_schedule(args))
     _print_metrics(args, {"metrics": result.metrics, "seconds": result.seconds, "history": result.history},
                    f"trained in {result.seconds:.0f}s" + (f", saved {result.out}" if result.out else ""))
     return 0
@@ -275,7 +309,7 @@ def cmd_finetune(args: argparse.Namespace) -> int:
 
     cfg = _train_config(args, finetune=True)
     result = finetune(_load(args), args.data, cfg, teacher=args.teacher, out=args.out, resume=args.resume,
-                      force=args.force, limit=args.limit)
+                      force=args.force, limit=args.limit, schedule=_schedule(args))
     _print_metrics(args, {"metrics": result.metrics, "seconds": result.seconds, "history": result.history},
                    f"fine-tuned in {result.seconds:.0f}s, saved {result.out}")
     return 0

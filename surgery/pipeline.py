@@ -83,13 +83,14 @@ def _to_graph(loaded: LoadedModel, example: torch.Tensor, leaf_modules: Sequence
 
 
 def _run_passes(gm: fx.GraphModule, steps: list[tuple[registry.PassInfo, Any, dict | None]],
-                example: torch.Tensor) -> tuple[fx.GraphModule, list[dict[str, Any]], torch.Tensor]:
+                example: torch.Tensor, data: str | None = None,
+                ) -> tuple[fx.GraphModule, list[dict[str, Any]], torch.Tensor]:
     """Run passes in order; a pass that changes the input size (rescale) changes the example too."""
     records = []
     for info, cfg, plan in steps:
         size = tuple(example.shape[1:])
         ctx = registry.PassContext(example_inputs=(example,), plan=dict(plan or {}), replay=plan is not None,
-                                   input_size=size)
+                                   input_size=size, data=data)
         gm = info.run(gm, cfg, ctx)
         if not isinstance(gm, fx.GraphModule):
             raise TypeError(f"pass {info.name} returned {type(gm).__name__}, not a GraphModule")
@@ -110,17 +111,23 @@ def apply(
     *,
     input_size: Sequence[int] | str | None = None,
     measure: bool = True,
+    data: str | None = None,
 ) -> SurgeryResult:
     """Trace ``model`` and run ``passes`` on it in order; the caller's model is not touched.
 
     ``model`` is an nn.Module, a spec for :func:`surgery.load_model` or a LoadedModel.
     ``passes``: "name:key=value,..." strings, (name, options) pairs or config objects.
     With ``measure`` the report has params, FLOPs, CPU latency and output drift.
+    ``data`` (digits or an ImageFolder path) is the calibration data for passes that use it.
     """
     steps = resolve_passes(passes)  # bad pass specs fail before any slow work
     if isinstance(model, LoadedModel):
         loaded = model
     else:
+        if isinstance(model, nn.Module) and input_size is None and isinstance(example_inputs, torch.Tensor) \
+                and example_inputs.dim() == 4:
+            # A module built for this size (a ViT at img_size=64): the recipe's source must say so.
+            input_size = tuple(example_inputs.shape[1:])
         loaded = load_model(model, input_size=input_size)
     if example_inputs is not None:
         if not isinstance(example_inputs, torch.Tensor) or example_inputs.dim() != 4:
@@ -131,7 +138,7 @@ def apply(
     gm = _to_graph(loaded, example, leaf_modules)
     if not isinstance(loaded.model, fx.GraphModule):
         leaf_modules = gm.meta["surgery"].leaf_fallbacks
-    gm, records, final_example = _run_passes(gm, [(info, cfg, None) for info, cfg in steps], example)
+    gm, records, final_example = _run_passes(gm, [(info, cfg, None) for info, cfg in steps], example, data)
     source = dict(loaded.source)
     source.setdefault("input_size", list(loaded.input_size))  # the size the source is traced at
     if leaf_modules:

@@ -32,6 +32,7 @@ class PassContext:
     replay: bool = False  # True when load() rebuilds: follow ``plan``, decide nothing anew
     notes: list[str] = field(default_factory=list)  # one-line facts for the report
     input_size: tuple[int, ...] = ()  # (C, H, W) the graph takes; a pass that changes it sets it here
+    data: str | None = None  # the run's --data (digits or a folder): calibration for passes that want it
 
     def note(self, message: str) -> None:
         self.notes.append(message)

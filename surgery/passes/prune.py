@@ -1,0 +1,535 @@
+"""Pass `prune`: structured channel pruning over coupled channel groups.
+
+The groups come from :mod:`surgery.channels` (shared with other passes); this module is
+the policy: importance of each channel, how many to keep in each group (a ratio, or a
+FLOPs target found by bisection over the ratio), rounding, and the plan that lets
+``surgery.load`` slice a fresh model identically. The result is physically smaller:
+sliced weights, no masks.
+"""
+
+from __future__ import annotations
+
+import copy
+import fnmatch
+import math
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Literal
+
+import numpy as np
+import torch
+from torch import fx
+
+from ..channels import ChannelGraph, Group, Member, build, format_ranges, parse_ranges
+from ..errors import SurgeryError
+from ..graph import finalize, get_module, node_shape
+from . import PassContext, register
+
+DEFAULT_RATIO = 0.3
+FLOPS_SEARCH_STEPS = 24
+MAX_LISTED = 4
+
+
+@dataclass
+class PruneConfig:
+    """Remove channels (whole coupled groups at once): physically smaller conv/linear/norm layers."""
+
+    ratio: float | None = field(default=None, metadata={
+        "doc": f"fraction of the prunable channels to remove (default {DEFAULT_RATIO} when flops is not given)"})
+    flops: float | None = field(default=None, metadata={
+        "doc": "target FLOPs as a fraction of the original (the ratio is searched to meet it)"})
+    importance: Literal["l1", "l2", "bn", "taylor", "random"] = field(default="l2", metadata={
+        "doc": "channel score: weight magnitude summed over the group (l1, l2), norm scale |gamma| (bn), "
+               "first-order |weight x gradient| on the data (taylor), or random (a control)"})
+    scope: Literal["global", "uniform"] = field(default="global", metadata={
+        "doc": "global: rank channels of all groups together (scores normalised per group); "
+               "uniform: remove the same fraction from every group"})
+    round_to: int = field(default=8, metadata={
+        "doc": "keep channel counts multiples of this (hardware friendly); 1 to disable"})
+    max_ratio: float = field(default=0.9, metadata={
+        "doc": "most of one group's channels that may be removed"})
+    ignore: list[str] = field(default_factory=list, metadata={
+        "doc": "glob(s) of module names whose layers keep their shape, joined by +"})
+    heads: bool = field(default=True, metadata={"doc": "prune whole attention heads"})
+    head_dims: bool = field(default=False, metadata={
+        "doc": "also prune dimensions inside each attention head (the attention scale is pinned)"})
+    compensate: bool = field(default=False, metadata={
+        "doc": "refit each layer that lost input channels by least squares on the data, to reproduce "
+               "its old output (recovers accuracy without training)"})
+    data: str | None = field(default=None, metadata={
+        "doc": "calibration images for taylor and compensate: digits or an ImageFolder path "
+               "(default: the run's --data, where the pipeline passes it)"})
+    calib: int = field(default=64, metadata={"doc": "calibration images to use from data"})
+    ridge: float = field(default=1e-3, metadata={
+        "doc": "ridge of the compensation least squares, relative to the mean input energy"})
+    seed: int = field(default=0, metadata={"doc": "seed of the random importance and of calibration sampling"})
+
+    def validate(self) -> None:
+        if self.ratio is not None and self.flops is not None:
+            raise SurgeryError("prune: give ratio or flops, not both")
+        if self.ratio is not None and not 0.0 <= self.ratio < 1.0:
+            raise SurgeryError(f"prune:ratio must be in [0, 1), got {self.ratio}")
+        if self.flops is not None and not 0.0 < self.flops <= 1.0:
+            raise SurgeryError(f"prune:flops must be in (0, 1], got {self.flops}")
+        if self.round_to < 1:
+            raise SurgeryError(f"prune:round_to must be >= 1, got {self.round_to}")
+        if not 0.0 < self.max_ratio < 1.0:
+            raise SurgeryError(f"prune:max_ratio must be in (0, 1), got {self.max_ratio}")
+        if self.calib < 1 or self.ridge < 0:
+            raise SurgeryError("prune:calib must be >= 1 and prune:ridge >= 0")
+
+
+# --- importance ------------------------------------------------------------------------
+
+
+def _param(gm: fx.GraphModule, name: str) -> torch.Tensor:
+    owner, _, attr = name.rpartition(".")
+    return getattr(gm.get_submodule(owner) if owner else gm, attr)
+
+
+ROLES = ("out", "in", "norm", "param")  # member axes that score a channel (not running stats)
+
+
+def _to_groups(cg: ChannelGraph, groups: list[Group], per_position: list[tuple[Member, np.ndarray]]
+               ) -> dict[int, np.ndarray]:
+    """Add per-position scores of member axes into the channels of their groups."""
+    scores = {g.id: np.zeros(g.size) for g in groups}
+    for m, values in per_position:
+        for r, coords in cg.atoms(m.layout).items():
+            if r in scores:
+                valid = coords >= 0
+                scores[r] += np.bincount(coords[valid], weights=values[valid], minlength=scores[r].size)
+    return scores
+
+
+def _per_axis(t: torch.Tensor, axis: int) -> np.ndarray:
+    other = [d for d in range(t.dim()) if d != axis]
+    return (t.sum(dim=other) if other else t).double().numpy()
+
+
+def importance(gm: fx.GraphModule, cg: ChannelGraph, groups: list[Group], kind: str, seed: int = 0,
+               calib: Calibration | None = None) -> tuple[dict[int, np.ndarray], int]:
+    """Score of every channel of every group; also how many groups fell back to l2 (bn).
+
+    l1 / l2: magnitude of every weight that produces or consumes the channel, summed over
+    the group. bn: |scale| of the group's norm layers. taylor: |sum of weight x gradient|
+    per member axis, accumulated over the calibration batches (first-order loss change).
+    """
+    if kind == "random":
+        rng = np.random.default_rng(seed)
+        return {g.id: rng.random(g.size) for g in groups}, 0
+    ids = {g.id for g in groups}
+    members = [m for m in cg.members if m.role in ROLES and any(r in ids for r in cg.roots(m.layout))]
+    if kind == "taylor":
+        if calib is None:
+            raise SurgeryError("prune:importance=taylor needs calibration data: add data=digits or data=FOLDER")
+        return _to_groups(cg, groups, _taylor(gm, members, calib)), 0
+    power = 1 if kind == "l1" else 2
+    cache: dict[str, torch.Tensor] = {}
+    per_position = []
+    for m in members:
+        if m.param not in cache:
+            t = _param(gm, m.param).detach().float()
+            cache[m.param] = t.abs() if power == 1 else t.square()
+        per_position.append((m, _per_axis(cache[m.param], m.axis)))
+    scores = _to_groups(cg, groups, per_position)
+    if power == 2:
+        scores = {g: np.sqrt(s) for g, s in scores.items()}
+    if kind != "bn":
+        return scores, 0
+    scales = [(m, _per_axis(_param(gm, m.param).detach().float().abs(), m.axis)) for m in members
+              if m.role == "norm" and m.param.endswith("weight")]
+    bn = _to_groups(cg, groups, scales)
+    with_scale = {r for m, _ in scales for r in cg.roots(m.layout)}
+    fallback = sum(1 for g in groups if g.id not in with_scale)
+    return {g: (bn[g] if g in with_scale else s) for g, s in scores.items()}, fallback
+
+
+def _taylor(gm: fx.GraphModule, members: list[Member], calib: Calibration) -> list[tuple[Member, np.ndarray]]:
+    """|sum over a channel's weights of w * dL/dw|, summed over batches, for each member axis.
+
+    The loss is cross-entropy against the labels when the data has as many classes as the
+    model has outputs, else against the model's own predictions (label-free sensitivity).
+    """
+    names = sorted({m.param for m in members})
+    tensors = [_param(gm, n) for n in names]
+    was_training = gm.training
+    gm.eval()
+    totals = [np.zeros(tensors[names.index(m.param)].shape[m.axis]) for m in members]
+    flags = [t.requires_grad for t in tensors]
+    for t in tensors:
+        t.requires_grad_(True)
+    try:
+        for images, labels in calib.batches:
+            logits = gm(images)
+            target = labels if logits.shape[-1] == calib.num_classes else logits.argmax(-1).detach()
+            loss = torch.nn.functional.cross_entropy(logits, target)
+            grads = torch.autograd.grad(loss, tensors, allow_unused=True)
+            wg = {n: (t.detach() * g).float() for n, t, g in zip(names, tensors, grads) if g is not None}
+            for i, m in enumerate(members):
+                if m.param in wg:
+                    totals[i] += np.abs(_per_axis(wg[m.param], m.axis))
+    finally:
+        for t, f in zip(tensors, flags):
+            t.requires_grad_(f)
+        gm.train(was_training)
+    return list(zip(members, totals))
+
+
+# --- calibration data and compensation -------------------------------------------------
+
+
+@dataclass
+class Calibration:
+    """A few batches of real images (and their labels) for taylor and compensate."""
+
+    batches: list[tuple[torch.Tensor, torch.Tensor]]
+    num_classes: int
+
+
+def load_calibration(spec: str, example: torch.Tensor, n_images: int, batch_size: int = 32,
+                     seed: int = 0) -> Calibration:
+    """The first ``n_images`` training images of ``spec`` (digits or an ImageFolder) at the traced size."""
+    from ..data import load_data
+
+    if example.dim() != 4 or example.shape[-1] != example.shape[-2]:
+        raise SurgeryError(f"prune: calibration data needs a square image input, not {tuple(example.shape[1:])}")
+    data = load_data(spec, image_size=int(example.shape[-1]), limit=n_images, seed=seed)
+    if example.shape[1] != 3:
+        raise SurgeryError(f"prune: calibration images are RGB but the model takes {example.shape[1]} channels")
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)  # the training transforms are random: same plan on every run
+        items = [data.train[i] for i in range(min(n_images, len(data.train)))]
+    batches = []
+    for i in range(0, len(items), batch_size):
+        chunk = items[i:i + batch_size]
+        images = torch.stack([im for im, _ in chunk]).to(example.device, example.dtype)
+        batches.append((images, torch.tensor([y for _, y in chunk], device=example.device)))
+    return Calibration(batches, data.num_classes)
+
+
+def _consumers(gm: fx.GraphModule, cg: ChannelGraph, keep: dict[int, np.ndarray]) -> dict[str, np.ndarray]:
+    """Conv2d (groups 1) and Linear layers that lost input channels: the mask of their kept outputs."""
+    out = {}
+    for name, (kind, ports) in cg.modules.items():
+        m = gm.get_submodule(name)
+        if kind == "conv" and (type(m) is not torch.nn.Conv2d or m.groups != 1 or m.padding_mode != "zeros"
+                               or not isinstance(m.padding, tuple)):
+            continue  # dynamic or string padding, other dims: left as pruned
+        if kind not in ("conv", "linear"):
+            continue
+        in_mask = cg.keep_mask(ports["in"], keep)
+        if not in_mask.all() and in_mask.any():
+            out[name] = cg.keep_mask(ports["out"], keep)
+    return out
+
+
+def _rows(module: torch.nn.Module, x: torch.Tensor, positions: int, gen: torch.Generator) -> torch.Tensor:
+    """The input of a conv (patches, as its weight reads them) or linear layer, at sampled positions."""
+    if not isinstance(module, torch.nn.Conv2d):
+        rows = x.reshape(-1, x.shape[-1])
+        if rows.shape[0] > positions:
+            rows = rows[torch.randperm(rows.shape[0], generator=gen)[:positions]]
+        return rows.float()
+    (kh, kw), (sh, sw), (dh, dw), (ph, pw) = module.kernel_size, module.stride, module.dilation, module.padding
+    b, c, h, w = x.shape
+    ho, wo = (h + 2 * ph - dh * (kh - 1) - 1) // sh + 1, (w + 2 * pw - dw * (kw - 1) - 1) // sw + 1
+    n = b * ho * wo
+    pick = torch.randperm(n, generator=gen)[:positions] if n > positions else torch.arange(n)
+    bi, oy, ox = pick // (ho * wo), (pick // wo) % ho, pick % wo
+    ys = oy[:, None] * sh + torch.arange(kh)[None, :] * dh
+    xs = ox[:, None] * sw + torch.arange(kw)[None, :] * dw
+    padded = torch.nn.functional.pad(x, (pw, pw, ph, ph))
+    patches = padded[bi[:, None, None], :, ys[:, :, None], xs[:, None, :]]  # (n, kh, kw, c)
+    return patches.permute(0, 3, 1, 2).reshape(len(pick), c * kh * kw).float()
+
+
+COMPENSATE_POSITIONS = 512  # sampled rows (pixels, tokens) per batch and layer for the statistics
+
+
+class _Captured(Exception):
+    """Raised by a hook once it has the input it wanted: the rest of the forward is not needed."""
+
+
+def _layer_input(model: fx.GraphModule, name: str, images: torch.Tensor, seed: int) -> torch.Tensor:
+    """Sampled rows of the input of layer ``name`` (plus a constant 1 when it has a bias)."""
+    out: list[torch.Tensor] = []
+
+    def hook(module, inputs):
+        r = _rows(module, inputs[0].detach(), COMPENSATE_POSITIONS, torch.Generator().manual_seed(seed))
+        if getattr(module, "bias", None) is not None:
+            r = torch.cat([r, torch.ones(r.shape[0], 1, dtype=r.dtype)], 1)
+        out.append(r)
+        raise _Captured
+
+    handle = model.get_submodule(name).register_forward_pre_hook(hook)
+    try:
+        with torch.no_grad():
+            model(images)
+    except _Captured:
+        pass
+    finally:
+        handle.remove()
+    return out[0]
+
+
+def compensate(original: fx.GraphModule, pruned: fx.GraphModule, consumers: dict[str, np.ndarray],
+               calib: Calibration, ridge: float) -> int:
+    """Refit each consumer's remaining weights: least squares from its pruned input to its old output.
+
+    Layers are refitted in graph order, each on the input that the already refitted layers
+    before it produce. With x the layer's input in the original model and x' the (shorter)
+    input in the pruned one, W' = W C (G + ridge * mean(diag G) I)^-1, C = sum x x'^T,
+    G = sum x' x'^T over the calibration batches (a bias is a constant input). Returns the
+    number of layers refitted.
+    """
+    modes = original.training, pruned.training
+    original.eval()
+    pruned.eval()
+    try:
+        for name, out_mask in consumers.items():
+            gram = cross = None
+            for i, (images, _) in enumerate(calib.batches):
+                x, xp = _layer_input(original, name, images, i), _layer_input(pruned, name, images, i)
+                g, c = (xp.T @ xp).double(), (x.T @ xp).double()  # float32 products, float64 sums
+                gram, cross = (g, c) if gram is None else (gram + g, cross + c)
+            old, new = original.get_submodule(name), pruned.get_submodule(name)
+            rows = torch.as_tensor(np.flatnonzero(out_mask))
+            w = old.weight.detach().double()[rows].reshape(len(rows), -1)
+            if old.bias is not None:
+                w = torch.cat([w, old.bias.detach().double()[rows][:, None]], 1)
+            reg = ridge * gram.diagonal().mean().clamp_min(1e-12) * torch.eye(gram.shape[0], dtype=gram.dtype)
+            fitted = torch.linalg.solve(gram + reg, (w @ cross).T).T
+            with torch.no_grad():
+                if new.bias is not None:
+                    new.bias.copy_(fitted[:, -1].to(new.bias.dtype))
+                    fitted = fitted[:, :-1]
+                new.weight.copy_(fitted.reshape(new.weight.shape).to(new.weight.dtype))
+    finally:
+        original.train(modes[0])
+        pruned.train(modes[1])
+    return len(consumers)
+
+
+# --- selection -------------------------------------------------------------------------
+
+
+@dataclass
+class _Choice:
+    group: Group
+    score: np.ndarray  # raw importance
+    step: int
+    allowed: np.ndarray  # keep counts allowed, ascending
+
+
+def _choices(groups: list[Group], scores: dict[int, np.ndarray], cfg: PruneConfig) -> list[_Choice]:
+    out = []
+    for g in groups:
+        step = max(1, cfg.round_to // math.gcd(cfg.round_to, g.multiplicity))
+        floor = max(step, math.ceil(g.size * (1 - cfg.max_ratio)))
+        allowed = sorted({k for k in range(step, g.size + 1, step) if k >= floor} | {g.size})
+        out.append(_Choice(g, scores[g.id], step, np.asarray(allowed)))
+    return out
+
+
+def _round(allowed: np.ndarray, target: float) -> int:
+    i = int(np.argmin(np.abs(allowed - target) - 1e-9 * allowed))  # ties: keep more
+    return int(allowed[i])
+
+
+def _keep_counts(choices: list[_Choice], ratio: float, scope: str, order: np.ndarray | None,
+                 owner: np.ndarray | None) -> list[int]:
+    if not choices:
+        return []
+    if scope == "uniform" or ratio <= 0:
+        return [_round(c.allowed, c.group.size * (1 - ratio)) for c in choices]
+    removed = np.zeros(len(choices))
+    n_remove = int(round(ratio * len(order)))
+    np.add.at(removed, owner[order[:n_remove]], 1)
+    return [_round(c.allowed, c.group.size - r) for c, r in zip(choices, removed)]
+
+
+def _global_order(choices: list[_Choice]) -> tuple[np.ndarray, np.ndarray]:
+    """All channels ranked by score normalised by their group's mean, lowest first."""
+    normed, owner = [], []
+    for i, c in enumerate(choices):
+        mean = c.score.mean()
+        normed.append(c.score / mean if mean > 0 else np.ones_like(c.score))
+        owner.append(np.full(c.group.size, i))
+    normed_all, owner_all = np.concatenate(normed), np.concatenate(owner)
+    return np.argsort(normed_all, kind="stable"), owner_all
+
+
+def _keep_masks(choices: list[_Choice], counts: list[int]) -> dict[int, np.ndarray]:
+    keep = {}
+    for c, k in zip(choices, counts):
+        if k >= c.group.size:
+            continue
+        top = np.argsort(-c.score, kind="stable")[:k]
+        mask = np.zeros(c.group.size, dtype=bool)
+        mask[top] = True
+        keep[c.group.id] = mask
+    return keep
+
+
+# --- FLOPs of the pruned model, without building it -------------------------------------
+
+
+def estimate_flops(gm: fx.GraphModule, cg: ChannelGraph, counts: dict[int, int]) -> int:
+    """FLOPs (multiply-add = 2) of conv, linear, attention and matmul nodes at the traced batch."""
+    nodes = {n.name: n for n in gm.graph.nodes}
+    total = 0
+    for name, kind in cg.compute:
+        node = nodes[name]
+        out = math.prod(cg.new_shape(name, counts))
+        if kind == "conv":
+            m = get_module(gm, node)
+            k_in = cg.kept(cg.modules[node.target][1]["k_in"], counts)
+            total += 2 * out * k_in * math.prod(m.kernel_size)
+        elif kind in ("linear", "matmul"):
+            total += 2 * out * cg.new_shape(node.args[0].name, counts)[-1]
+        elif kind == "sdpa":
+            q, k = (cg.new_shape(a.name, counts) for a in node.args[:2])
+            total += 2 * math.prod(q) * k[-2] + 2 * out * k[-2]
+    return total
+
+
+# --- the pass ----------------------------------------------------------------------------
+
+
+def _flat(value: object) -> list:
+    if isinstance(value, (list, tuple)):
+        return [y for v in value for y in _flat(v)]
+    if isinstance(value, dict):
+        return [y for v in value.values() for y in _flat(v)]
+    return [value]
+
+
+def _policy_fixes(gm: fx.GraphModule, cg: ChannelGraph, cfg: PruneConfig) -> None:
+    """What the options keep whole: ignored modules, heads, per-head dims, group widths."""
+    for m in cg.members:
+        module = m.param.rpartition(".")[0]
+        for pat in cfg.ignore:
+            if fnmatch.fnmatchcase(module, pat) or fnmatch.fnmatchcase(m.param, pat):
+                cg.fix(m.layout, f"ignored ({pat})")
+    for g in cg.groups():
+        if "heads" in g.tags and not cfg.heads:
+            cg.fix_group(g.id, "attention heads (heads=off)")
+        if "head_dim" in g.tags and not cfg.head_dims:
+            cg.fix_group(g.id, "dimensions inside attention heads (head_dims=off)")
+        if "group_width" in g.tags:
+            cg.fix_group(g.id, "width of each group of a grouped conv (whole groups are pruned)")
+
+
+def _reason_summary(groups: list[Group]) -> str:
+    kinds: Counter[str] = Counter()
+    example: dict[str, str] = {}
+    for g in groups:
+        reason = g.reasons[0] if g.reasons else "unknown"
+        kind = reason.split(" at ")[0]
+        kinds[kind] += 1
+        example.setdefault(kind, g.anchor)
+    return "; ".join(f"{n} x {k} (e.g. {example[k]})" for k, n in kinds.most_common())
+
+
+@register("prune", PruneConfig)
+def prune(gm: fx.GraphModule, cfg: PruneConfig, ctx: PassContext) -> fx.GraphModule:
+    """Prune channels group by group; record the kept indices in the plan."""
+    start = time.perf_counter()
+    cg = build(gm)
+    _policy_fixes(gm, cg, cfg)
+    groups = cg.groups()
+    prunable = [g for g in groups if g.prunable]
+    by_anchor = {g.anchor: g for g in groups}
+    base_flops = estimate_flops(gm, cg, {})
+    if ctx.replay:
+        keep = {}
+        for anchor, entry in ctx.plan.get("groups", {}).items():
+            g = by_anchor.get(anchor)
+            if g is None or g.size != entry["size"] or not g.prunable:
+                raise SurgeryError(f"prune plan does not fit this model: no prunable group {anchor} of "
+                                   f"{entry['size']} channels; rebuild the artifact with this surgery version")
+            mask = np.zeros(g.size, dtype=bool)
+            mask[parse_ranges(entry["keep"])] = True
+            keep[g.id] = mask
+    else:
+        calib = None
+        needs = [w for w, on in (("importance=taylor", cfg.importance == "taylor"),
+                                 ("compensate", cfg.compensate)) if on]
+        if needs:
+            spec = cfg.data or getattr(ctx, "data", None)  # the option, else the run's --data
+            if not spec:
+                raise SurgeryError(f"prune:{' and '.join(needs)} needs calibration images: add data=digits "
+                                   "or data=FOLDER to the pass")
+            calib = load_calibration(spec, ctx.example_inputs[0], cfg.calib, seed=cfg.seed)
+        scores, fallback = importance(gm, cg, prunable, cfg.importance, cfg.seed, calib)
+        choices = _choices(prunable, scores, cfg)
+        order, owner = _global_order(choices) if choices and cfg.scope == "global" else (None, None)
+
+        def counts_at(r: float) -> list[int]:
+            return _keep_counts(choices, r, cfg.scope, order, owner)
+
+        def flops_at(r: float) -> int:
+            return estimate_flops(gm, cg, {c.group.id: k for c, k in zip(choices, counts_at(r))})
+
+        if cfg.flops is not None:
+            target = cfg.flops * base_flops
+            lo, hi = 0.0, cfg.max_ratio
+            if flops_at(hi) > target:
+                ratio = hi
+                ctx.note(f"FLOPs target {cfg.flops} is out of reach: removing {hi:.0%} of every group "
+                         f"leaves {flops_at(hi) / base_flops:.3f}x")
+            else:
+                for _ in range(FLOPS_SEARCH_STEPS):
+                    mid = (lo + hi) / 2
+                    lo, hi = (lo, mid) if flops_at(mid) <= target else (mid, hi)
+                ratio = hi
+        else:
+            ratio = cfg.ratio if cfg.ratio is not None else DEFAULT_RATIO
+        keep = _keep_masks(choices, counts_at(ratio))
+        ctx.plan["ratio"] = round(ratio, 6)
+        if fallback:
+            ctx.note(f"importance bn: {fallback} group(s) have no norm scale and use l2")
+        ctx.plan["groups"] = {}
+        for g in prunable:
+            if g.id in keep:
+                ctx.plan["groups"][g.anchor] = {"size": g.size,
+                                                "keep": format_ranges(np.flatnonzero(keep[g.id]).tolist())}
+    counts = {g: int(k.sum()) for g, k in keep.items()}
+    new_flops = estimate_flops(gm, cg, counts)
+    (output,) = [n for n in gm.graph.nodes if n.op == "output"]
+    expected = [node_shape(n)[1:] for n in _flat(output.args) if node_shape(n) is not None]
+    original = copy.deepcopy(gm) if cfg.compensate and not ctx.replay else None
+    consumers = _consumers(gm, cg, keep) if original is not None else {}
+    gm = finalize(cg.apply(gm, keep))
+    if original is not None:
+        refitted = compensate(original, gm, consumers, calib, cfg.ridge)
+        ctx.note(f"compensate: refitted {refitted} layer(s) on {sum(len(b[1]) for b in calib.batches)} "
+                 f"calibration images")
+    was_training = gm.training
+    with torch.no_grad():  # one sample, in eval mode, is enough to prove that every shape still fits
+        out = gm.eval()(*(x[:1] if isinstance(x, torch.Tensor) else x for x in ctx.example_inputs))
+    gm.train(was_training)
+    got = [tuple(t.shape[1:]) for t in _flat(out) if isinstance(t, torch.Tensor)]
+    if got != expected:
+        raise RuntimeError(f"pruned model outputs {got} instead of {expected}; this is a bug in surgery.channels")
+    # Notes: what was pruned, and what was left whole and why.
+    total = sum(g.size for g in prunable)
+    kept_total = sum(counts.get(g.id, g.size) for g in prunable)
+    ctx.note(f"pruned {len(keep)} of {len(prunable)} prunable channel groups: {total} -> {kept_total} "
+             f"channels; FLOPs {new_flops / max(base_flops, 1):.3f}x "
+             f"({'replayed' if ctx.replay else f'{cfg.importance}, {cfg.scope}'}) "
+             f"in {time.perf_counter() - start:.2f} s")
+    whole = [g for g in groups if not g.prunable]
+    if whole:
+        ctx.note(f"{len(whole)} group(s) left whole: {_reason_summary(whole)}")
+    small = [g for g in prunable if g.id not in keep]
+    if small and not ctx.replay:
+        ctx.note(f"{len(small)} prunable group(s) kept all channels (round_to={cfg.round_to} or "
+                 f"their scores), e.g. {', '.join(g.anchor for g in small[:MAX_LISTED])}")
+    if cg.unsupported:
+        listed = ", ".join(cg.unsupported[:MAX_LISTED])
+        more = f" and {len(cg.unsupported) - MAX_LISTED} more" if len(cg.unsupported) > MAX_LISTED else ""
+        ctx.note(f"ops the channel analysis does not know (their channels stay whole): {listed}{more}")
+    return gm
