@@ -17,11 +17,15 @@ from .passes import PassContext, register  # noqa: E402
 from .passes import describe as describe_passes
 from .passes.bilinear import BilinearConfig  # noqa: E402
 from .passes.fuse import FuseConfig  # noqa: E402
+from .passes.prune import PruneConfig  # noqa: E402
+from .passes.rescale import RescaleConfig  # noqa: E402
 from .pipeline import SurgeryResult, apply  # noqa: E402
+from .schedule import ProgressiveResize  # noqa: E402
 
 __all__ = [
     "__version__", "apply", "trace", "load", "load_artifact", "load_model",
     "export_onnx", "verify_onnx", "check_parity",
     "SurgeryResult", "SurgeryError", "LoadedModel",
     "PassContext", "register", "describe_passes", "FuseConfig", "BilinearConfig",
+    "PruneConfig", "RescaleConfig", "ProgressiveResize",
 ]

@@ -110,7 +110,13 @@ def build_source(source: dict[str, Any]) -> nn.Module:
             raise SurgeryError(f"recipe names an unknown timm model {name!r}; the recipe is damaged")
         if "img_size" in kwargs:
             kwargs["img_size"] = tuple(kwargs["img_size"])
-        return timm.create_model(name, pretrained=False, **kwargs)
+        try:
+            return timm.create_model(name, pretrained=False, **kwargs)
+        except TypeError as exc:  # a model without img_size (resnet): as _timm_model, build it without
+            if "img_size" not in kwargs or "img_size" not in str(exc):
+                raise
+            kwargs.pop("img_size")
+            return timm.create_model(name, pretrained=False, **kwargs)
     if kind == "torchvision":
         import torchvision
 

@@ -20,6 +20,7 @@ from .artifact import check_out_dir, write_artifact
 from .data import IMAGENET_MEAN, IMAGENET_STD, ImageData, load_data
 from .errors import SurgeryError
 from .models import LoadedModel, load_model
+from .schedule import ProgressiveResize, schedule_report
 from .train import CHECKPOINT_DIR, TrainConfig, check_head, evaluate, fit, setup_distributed
 
 log = logging.getLogger(__name__)
@@ -102,10 +103,12 @@ def train(
     resume: bool = False,
     force: bool = False,
     limit: int | None = None,
+    schedule: ProgressiveResize | None = None,
 ) -> TrainResult:
     """Train a model (a timm name, torchvision:NAME, an nn.Module or an artifact) on ``data``.
 
     On `digits` the input defaults to 32x32 and the classifier to the data's 10 classes.
+    ``schedule`` (ProgressiveResize) trains the first epochs at low resolution with rescaled kernels.
     """
     cfg = cfg or TrainConfig()
     out = _prepare_out(out, force=force, resume=resume)
@@ -122,8 +125,9 @@ def train(
     dataset = data_for(data, loaded, limit=limit, seed=cfg.seed)
     check_head(loaded.model, dataset, loaded.input_size)
     t0 = time.perf_counter()
-    history = fit(loaded.model, dataset, cfg, out_dir=out, resume=resume)
-    return _finish(loaded, loaded.model, dataset, cfg, history, out, time.perf_counter() - t0, "train")
+    history = fit(loaded.model, dataset, cfg, out_dir=out, resume=resume, schedule=schedule)
+    return _finish(loaded, loaded.model, dataset, cfg, history, out, time.perf_counter() - t0, "train",
+                   schedule_report(schedule, history))
 
 
 def _class_count(data: str) -> int:
@@ -147,6 +151,7 @@ def finetune(
     resume: bool = False,
     force: bool = False,
     limit: int | None = None,
+    schedule: ProgressiveResize | None = None,
 ) -> TrainResult:
     """Fine-tune an artifact (or model) on ``data``, distilling from ``teacher`` when given."""
     cfg = cfg or TrainConfig(epochs=3, lr=FINETUNE_LR, warmup_epochs=0.0)
@@ -162,9 +167,10 @@ def finetune(
         check_head(teacher_model, dataset, loaded.input_size)
     before = evaluate(loaded.model, dataset)
     t0 = time.perf_counter()
-    history = fit(loaded.model, dataset, cfg, teacher=teacher_model, out_dir=out, resume=resume)
+    history = fit(loaded.model, dataset, cfg, teacher=teacher_model, out_dir=out, resume=resume, schedule=schedule)
     return _finish(loaded, loaded.model, dataset, cfg, history, out, time.perf_counter() - t0, "finetune",
-                   {"before": before, "teacher": teacher if isinstance(teacher, str) else None})
+                   {"before": before, "teacher": teacher if isinstance(teacher, str) else None,
+                    **schedule_report(schedule, history)})
 
 
 def evaluate_model(model: str | nn.Module | LoadedModel, data: str = "digits", *, batch_size: int = 256,

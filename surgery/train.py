@@ -17,7 +17,7 @@ from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 import torch.distributed as dist
@@ -26,6 +26,9 @@ from torch import nn
 
 from .data import ImageData, make_loader
 from .errors import SurgeryError
+
+if TYPE_CHECKING:
+    from .schedule import ProgressiveResize
 
 log = logging.getLogger(__name__)
 
@@ -246,11 +249,14 @@ def fit(
     out_dir: str | Path | None = None,
     resume: bool = False,
     on_epoch: Callable[[dict[str, Any]], None] | None = None,
+    schedule: ProgressiveResize | None = None,
 ) -> list[dict[str, Any]]:
     """Train ``model`` in place on ``data``; returns the per-epoch history.
 
     With ``out_dir`` a checkpoint is written after every epoch (and on Ctrl-C) to
     ``out_dir/checkpoint``, rank 0 only; ``resume`` continues from it exactly.
+    A ``schedule`` (surgery.schedule.ProgressiveResize) trains a shrunk copy at low
+    resolution first and switches to ``model`` at full size at an epoch boundary.
     """
     d = setup_distributed()
     device = pick_device(d)
@@ -264,26 +270,36 @@ def fit(
         raise SurgeryError(f"--batch-size {cfg.batch_size} must divide by the {d.world} processes")
     per_rank_batch = cfg.batch_size // d.world
 
-    model.to(device)
-    if channels_last:
-        model.to(memory_format=torch.channels_last)
+    ckpt_dir = Path(out_dir) / CHECKPOINT_DIR if out_dir is not None else None
+    # What trains now (net on net_data): ``model`` itself, or a schedule's shrunk copy until the switch.
+    net, net_data = model, data
+    if schedule is not None:
+        net, net_data = schedule.begin(model, data, start_epoch=_checkpoint_epoch(ckpt_dir) if resume else 0)
+
+    def place(m: nn.Module) -> nn.Module:
+        m.to(device)
+        if channels_last:
+            m.to(memory_format=torch.channels_last)
+        return m
+
+    def wrap(m: nn.Module) -> nn.Module:
+        if d.world > 1:
+            from torch.nn.parallel import DistributedDataParallel as DDP
+
+            m = DDP(m, device_ids=[d.local_rank] if use_cuda else None)
+        return torch.compile(m) if cfg.compile else m
+
+    place(model)
+    place(net)
     if teacher is not None:
         teacher.to(device).eval()
         for p in teacher.parameters():
             p.requires_grad_(False)
-    optimizer = make_optimizer(model, cfg)
-    ckpt_dir = Path(out_dir) / CHECKPOINT_DIR if out_dir is not None else None
-    state = load_checkpoint(ckpt_dir, model, optimizer) if resume and ckpt_dir else RunState()
+    optimizer = make_optimizer(net, cfg)
+    state = load_checkpoint(ckpt_dir, net, optimizer) if resume and ckpt_dir else RunState()
     if resume and d.main:
         log.info("resuming after epoch %d, step %d", state.epoch, state.step)
-
-    train_model: nn.Module = model
-    if d.world > 1:
-        from torch.nn.parallel import DistributedDataParallel as DDP
-
-        train_model = DDP(model, device_ids=[d.local_rank] if use_cuda else None)
-    if cfg.compile:
-        train_model = torch.compile(train_model)
+    train_model = wrap(net)
 
     steps_per_epoch = len(make_loader(data.train, per_rank_batch, train=True, rank=d.rank, world=d.world))
     total_steps = cfg.epochs * steps_per_epoch
@@ -296,14 +312,14 @@ def fit(
 
     def checkpoint() -> None:
         if ckpt_dir is not None and d.main:
-            save_checkpoint(ckpt_dir, model, optimizer, state, cfg)
+            save_checkpoint(ckpt_dir, net, optimizer, state, cfg)
 
     try:
         for epoch in range(state.epoch, cfg.epochs):
             if state.step >= total_steps:
                 break
             torch.manual_seed(cfg.seed * 1000 + epoch)  # augmentation randomness of this epoch
-            loader = make_loader(data.train, per_rank_batch, train=True, seed=cfg.seed, epoch=epoch,
+            loader = make_loader(net_data.train, per_rank_batch, train=True, seed=cfg.seed, epoch=epoch,
                                  rank=d.rank, world=d.world)
             train_model.train()
             sums = {"loss": 0.0, "correct": 0.0, "n": 0.0, "distill": 0.0}
@@ -325,7 +341,7 @@ def fit(
                     loss = F.cross_entropy(logits.float(), y, label_smoothing=cfg.label_smoothing)
                     if teacher is not None:
                         with torch.no_grad():
-                            t_logits = teacher(x).float()
+                            t_logits = teacher(schedule.teacher_input(x) if schedule else x).float()
                         kd = distill_loss(logits.float(), t_logits, cfg.distill_temperature)
                         loss = (1 - cfg.distill_weight) * loss + cfg.distill_weight * kd
                         sums["distill"] += kd.item() * len(y)
@@ -349,9 +365,16 @@ def fit(
                       "images_per_s": seen / max(seconds, 1e-9), "seconds": seconds}
             if teacher is not None:
                 record["distill_loss"] = sums["distill"] / n
-            record.update(evaluate(model, data, batch_size=max(per_rank_batch, 64), device=device, d=d))
+            record.update(evaluate(net, net_data, batch_size=max(per_rank_batch, 64), device=device, d=d))
+            if schedule is not None:
+                record.update(schedule.record(epoch))
             state.history.append(record)
             state.epoch, state.batches_in_epoch = epoch + 1, 0
+            if schedule is not None and schedule.switch_due(state.epoch):
+                # Before the checkpoint: one saved after the switch epoch holds the full-size model.
+                net, net_data, optimizer = schedule.switch(net, model, data, optimizer,
+                                                           lambda m: make_optimizer(m, cfg))
+                train_model = wrap(place(net))
             if d.main:
                 log.info("epoch %d/%d  loss %.4f  acc %.3f  | val top1 %.4f top5 %.4f loss %.4f | %.0f img/s  %.1fs",
                          epoch + 1, cfg.epochs, record["train_loss"], record["train_acc"], record["val_top1"],
@@ -363,8 +386,18 @@ def fit(
         checkpoint()
         raise SurgeryError(f"interrupted at epoch {state.epoch + 1}, step {state.step}; "
                            f"{'continue with --resume' if ckpt_dir else 'nothing was saved (no --out)'}") from None
+    if schedule is not None:
+        schedule.finish(net, model)
     model.eval()
     return state.history
+
+
+def _checkpoint_epoch(ckpt_dir: Path | None) -> int:
+    """Epochs done by the checkpoint in ``ckpt_dir`` (0 without one): a schedule needs it before loading."""
+    try:
+        return int(json.loads((ckpt_dir / "state.json").read_text())["state"]["epoch"]) if ckpt_dir else 0
+    except (OSError, ValueError, KeyError, TypeError):
+        return 0
 
 
 def _progress(loader, epoch: int, cfg: TrainConfig, d: Dist):
