@@ -45,6 +45,9 @@ def _timm_leaf_types() -> tuple[set[type], set[Any]]:
         for obj in vars(mod).values():
             if isinstance(obj, type) and issubclass(obj, nn.Module) and obj.__module__ == mod.__name__:
                 modules.add(obj)
+    # timm's Linear (an nn.Linear subclass for AMP) would dissolve into F.linear; as a leaf
+    # it stays a module that the passes recognise as a Linear (classifiers of ~10 families).
+    modules.add(tl.Linear)
     return modules, set(tl.get_notrace_functions())
 
 

@@ -107,3 +107,16 @@ def test_input_that_does_not_fit_is_a_clear_error():
     model = nn.Sequential(nn.Flatten(), nn.Linear(3 * 8 * 8, 2))
     with pytest.raises(SurgeryError, match="does not fit"):
         surgery.trace(model, torch.randn(1, 3, 16, 16))
+
+
+def test_timm_linear_stays_a_module_so_the_head_pass_finds_it():
+    # mobilenetv3's classifier is timm.layers.Linear (an nn.Linear subclass for AMP): traced
+    # through, it would become F.linear on get_attr weights and no pass would see a Linear.
+    torch.manual_seed(0)
+    model = timm.create_model("mobilenetv3_small_050", num_classes=10).eval()
+    x = torch.randn(2, 3, 64, 64)
+    gm = surgery.trace(model, x)
+    assert isinstance(gm.get_submodule("classifier"), timm.layers.Linear)
+    assert not [n for n in gm.graph.nodes if n.op == "call_function" and n.target is torch.nn.functional.linear]
+    result = surgery.apply(model, ["head:num_classes=7"], example_inputs=x, measure=False)
+    assert result.model(x).shape == (2, 7)

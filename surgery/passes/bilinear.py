@@ -33,6 +33,7 @@ from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
+from timm import layers as timm_layers
 from torch import fx, nn
 
 from ..errors import SurgeryError
@@ -92,10 +93,17 @@ class BilinearConfig:
 
 # --- which layers -------------------------------------------------------------------------
 
+_PLAIN_LINEARS = (nn.Linear, timm_layers.Linear)
+
+
+def _is_plain_linear(m: nn.Module | None) -> bool:
+    # timm's Linear only adds an AMP cast under TorchScript: the same function as nn.Linear.
+    return m is not None and type(m) in _PLAIN_LINEARS
+
 
 def _kind(m: nn.Module) -> str | None:
     """linear / conv1x1 / conv for the exact types the pass can replace, else None."""
-    if type(m) is nn.Linear:
+    if _is_plain_linear(m):
         return "linear"
     # Exact type: subclasses (StdConv2d, Conv2dSame) change the weight or padding in forward().
     if type(m) is nn.Conv2d and m.groups == 1 and m.padding_mode == "zeros":
@@ -253,7 +261,7 @@ def _consumers(gm: fx.GraphModule, node: fx.Node, layers: _Layers) -> tuple[list
             m = get_module(gm, user)
             if user.op == "output":
                 return [], "it feeds the model output"
-            linear = (user.target if m is not None and type(m) is nn.Linear and len(user.args) == 1
+            linear = (user.target if _is_plain_linear(m) and len(user.args) == 1
                       else layers.functional.get(user))
             if linear is not None and user.args[0] is src:
                 if len(layers.calls[linear]) != 1 or linear in layers.direct:
