@@ -4,6 +4,7 @@ import json
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 import surgery
@@ -159,12 +160,16 @@ def test_scale_refuses_a_model_with_nothing_to_widen():
         surgery.apply("resnet18", ["bilinear:scale=2"], input_size="3x32x32", measure=False)
 
 
-def test_traced_through_linear_subclass_is_rewritten(tmp_path):
-    """timm's Linear (MobileNetV3, GhostNet classifiers) is traced through to F.linear(x, W, b)."""
-    from timm.layers import Linear
+class TracedThroughLinear(nn.Linear):
+    """An nn.Linear subclass outside torch.nn: fx traces through it to F.linear(x, W, b)."""
 
+    def forward(self, x):
+        return F.linear(x, self.weight, self.bias)
+
+
+def test_traced_through_linear_subclass_is_rewritten(tmp_path):
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Flatten(), nn.Linear(96, 96), nn.ReLU(), Linear(96, 10)).eval()
+    model = nn.Sequential(nn.Flatten(), nn.Linear(96, 96), nn.ReLU(), TracedThroughLinear(96, 10)).eval()
     x = torch.randn(2, 6, 4, 4)
     result = surgery.apply(model, ["bilinear:scale=2"], example_inputs=x, measure=False)
     gm = result.model
@@ -174,9 +179,21 @@ def test_traced_through_linear_subclass_is_rewritten(tmp_path):
     assert head["call"] == "function" and head["classifier"]
     result.save(tmp_path / "seq")
     again = surgery.load(tmp_path / "seq", base_model=nn.Sequential(nn.Flatten(), nn.Linear(96, 96), nn.ReLU(),
-                                                                    Linear(96, 10)))
+                                                                    TracedThroughLinear(96, 10)))
     with torch.no_grad():
         assert compare_outputs(gm(x), again(x)) <= RELOAD_ATOL
+
+
+def test_timm_linear_is_rewritten_as_a_module():
+    """timm's Linear (MobileNetV3, GhostNet classifiers) stays a module in the graph."""
+    from timm.layers import Linear
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(96, 96), nn.ReLU(), Linear(96, 10)).eval()
+    result = surgery.apply(model, ["bilinear:scale=2"], example_inputs=torch.randn(2, 6, 4, 4), measure=False)
+    (head,) = [e for e in result.recipe["passes"][0]["plan"]["layers"] if e["name"] == "3"]
+    assert "call" not in head and head["classifier"]  # a plain module call, not F.linear
+    assert isinstance(result.model.get_submodule("3"), BilinearProjection)
 
 
 def test_selection_options(convbn, images):
