@@ -16,6 +16,7 @@ from .models import LoadedModel, load_model  # noqa: E402
 from .passes import PassContext, register  # noqa: E402
 from .passes import describe as describe_passes
 from .passes.bilinear import BilinearConfig  # noqa: E402
+from .passes.ebcle import EbcleConfig  # noqa: E402
 from .passes.fuse import FuseConfig  # noqa: E402
 from .passes.prune import PruneConfig  # noqa: E402
 from .passes.rescale import RescaleConfig  # noqa: E402
@@ -27,5 +28,5 @@ __all__ = [
     "export_onnx", "verify_onnx", "check_parity",
     "SurgeryResult", "SurgeryError", "LoadedModel",
     "PassContext", "register", "describe_passes", "FuseConfig", "BilinearConfig",
-    "PruneConfig", "RescaleConfig", "ProgressiveResize",
+    "PruneConfig", "RescaleConfig", "EbcleConfig", "ProgressiveResize",
 ]
