@@ -1440,6 +1440,10 @@ class ChannelGraph:
         for pos, src_name, d in slices:
             layout = self.dims[src_name][d]
             mask = self.keep_mask(layout, keep)
+            if mask.all():
+                # nothing removed here: keep the bounds as written, or a batch dim's `:` would
+                # become the traced batch size (0:2) and the graph would only run at that batch
+                continue
             start, stop, _ = items[pos].indices(layout.size)
             before = np.concatenate([[0], np.cumsum(mask)])
             items[pos] = slice(int(before[start]), int(before[max(start, stop)]))

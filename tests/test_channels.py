@@ -8,6 +8,7 @@ wrong offset, fails it.
 """
 
 import copy
+import operator
 
 import numpy as np
 import pytest
@@ -247,6 +248,18 @@ def test_concat_split_chunk_grouped_and_flatten_layouts():
     assert (out - ref).abs().max().item() <= PRESERVE_ATOL
     assert pruned.grouped.groups == 2 and pruned.grouped.in_channels == 2 * int(cat_mask[0].sum())
     assert pruned.dw.groups == pruned.dw.in_channels == pruned.dw.out_channels == pruned.grouped.in_channels
+
+
+def test_pruned_slices_keep_the_batch_dim_as_written():
+    # dpn48b, csatv2: `x[:, :64]` after pruning became `x[0:2, 0:32]` (the traced batch baked
+    # in), so the pruned model ran only at batch 2 and ONNX export lost its dynamic batch.
+    x = torch.randn(2, 3, 8, 8)
+    gm = trace(Branches().eval(), x)
+    _, _, pruned = prune_dead_channels(gm, x, seed=3)
+    (node,) = [n for n in pruned.graph.nodes if n.target is operator.getitem and isinstance(n.args[1], tuple)]
+    assert node.args[1][0] == slice(None)
+    with torch.no_grad():
+        assert pruned(torch.randn(5, 3, 8, 8)).shape == (5, 10)
 
 
 class GroupNormed(nn.Module):

@@ -207,3 +207,12 @@ def test_taylor_importance_needs_data_and_uses_it():
                            measure=False)
     l2 = surgery.apply(model, "prune:ratio=0.5", example_inputs=x, measure=False)
     assert taylor.recipe["passes"][0]["plan"]["groups"] != l2.recipe["passes"][0]["plan"]["groups"]
+
+
+def test_a_model_without_conv_or_linear_reports_no_flops_ratio():
+    # gemma4_vit_167m's note said "FLOPs 0.000x" when the estimate found nothing to count
+    gm = trace(nn.Sequential(nn.AvgPool2d(2), nn.Flatten()).eval(), torch.randn(2, 3, 8, 8))
+    ctx = PassContext(example_inputs=(torch.randn(2, 3, 8, 8),))
+    out = prune(gm, PruneConfig(), ctx)
+    assert out(torch.randn(3, 3, 8, 8)).shape == (3, 48)
+    assert "FLOPs not estimated" in ctx.notes[0] and "0.000x" not in ctx.notes[0]

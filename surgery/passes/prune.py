@@ -22,6 +22,7 @@ import torch
 from torch import fx
 
 from ..channels import ChannelGraph, Group, Member, build, format_ranges, parse_ranges
+from ..data import Calibration, load_calibration
 from ..errors import SurgeryError
 from ..graph import finalize, get_module, node_shape
 from . import PassContext, register
@@ -177,36 +178,7 @@ def _taylor(gm: fx.GraphModule, members: list[Member], calib: Calibration) -> li
     return list(zip(members, totals))
 
 
-# --- calibration data and compensation -------------------------------------------------
-
-
-@dataclass
-class Calibration:
-    """A few batches of real images (and their labels) for taylor and compensate."""
-
-    batches: list[tuple[torch.Tensor, torch.Tensor]]
-    num_classes: int
-
-
-def load_calibration(spec: str, example: torch.Tensor, n_images: int, batch_size: int = 32,
-                     seed: int = 0) -> Calibration:
-    """The first ``n_images`` training images of ``spec`` (digits or an ImageFolder) at the traced size."""
-    from ..data import load_data
-
-    if example.dim() != 4 or example.shape[-1] != example.shape[-2]:
-        raise SurgeryError(f"prune: calibration data needs a square image input, not {tuple(example.shape[1:])}")
-    data = load_data(spec, image_size=int(example.shape[-1]), limit=n_images, seed=seed)
-    if example.shape[1] != 3:
-        raise SurgeryError(f"prune: calibration images are RGB but the model takes {example.shape[1]} channels")
-    with torch.random.fork_rng():
-        torch.manual_seed(seed)  # the training transforms are random: same plan on every run
-        items = [data.train[i] for i in range(min(n_images, len(data.train)))]
-    batches = []
-    for i in range(0, len(items), batch_size):
-        chunk = items[i:i + batch_size]
-        images = torch.stack([im for im, _ in chunk]).to(example.device, example.dtype)
-        batches.append((images, torch.tensor([y for _, y in chunk], device=example.device)))
-    return Calibration(batches, data.num_classes)
+# --- compensation ----------------------------------------------------------------------
 
 
 def _consumers(gm: fx.GraphModule, cg: ChannelGraph, keep: dict[int, np.ndarray]) -> dict[str, np.ndarray]:
@@ -462,7 +434,7 @@ def prune(gm: fx.GraphModule, cfg: PruneConfig, ctx: PassContext) -> fx.GraphMod
             if not spec:
                 raise SurgeryError(f"prune:{' and '.join(needs)} needs calibration images: add data=digits "
                                    "or data=FOLDER to the pass")
-            calib = load_calibration(spec, ctx.example_inputs[0], cfg.calib, seed=cfg.seed)
+            calib = load_calibration(spec, ctx.example_inputs[0], cfg.calib, seed=cfg.seed, who="prune")
         scores, fallback = importance(gm, cg, prunable, cfg.importance, cfg.seed, calib)
         choices = _choices(prunable, scores, cfg)
         order, owner = _global_order(choices) if choices and cfg.scope == "global" else (None, None)
@@ -518,7 +490,7 @@ def prune(gm: fx.GraphModule, cfg: PruneConfig, ctx: PassContext) -> fx.GraphMod
     total = sum(g.size for g in prunable)
     kept_total = sum(counts.get(g.id, g.size) for g in prunable)
     ctx.note(f"pruned {len(keep)} of {len(prunable)} prunable channel groups: {total} -> {kept_total} "
-             f"channels; FLOPs {new_flops / max(base_flops, 1):.3f}x "
+             f"channels; {f'FLOPs {new_flops / base_flops:.3f}x' if base_flops else 'FLOPs not estimated'} "
              f"({'replayed' if ctx.replay else f'{cfg.importance}, {cfg.scope}'}) "
              f"in {time.perf_counter() - start:.2f} s")
     whole = [g for g in groups if not g.prunable]
