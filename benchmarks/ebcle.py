@@ -29,10 +29,9 @@ import torch
 
 import surgery
 from surgery.blocks import find_structure, identity_scores
-from surgery.data import load_data
+from surgery.data import load_calibration, load_data
 from surgery.entropy import MAX_NATS, dataset_entropy
 from surgery.passes.ebcle import spread
-from surgery.passes.prune import load_calibration
 from surgery.report import count_flops, count_params
 from surgery.train import TrainConfig, fit
 

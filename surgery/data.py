@@ -277,3 +277,34 @@ def make_loader(dataset: Dataset, batch_size: int, *, train: bool, seed: int = 0
         num_workers=workers, generator=torch.Generator().manual_seed(seed * 1000 + epoch),
         pin_memory=torch.cuda.is_available(), persistent_workers=False,
     )
+
+
+@dataclass
+class Calibration:
+    """A few batches of real images (and their labels) for data-driven passes."""
+
+    batches: list[tuple[torch.Tensor, torch.Tensor]]
+    num_classes: int
+
+
+def load_calibration(spec: str, example: torch.Tensor, n_images: int, batch_size: int = 32,
+                     seed: int = 0, who: str = "calibration") -> Calibration:
+    """The first ``n_images`` training images of ``spec`` (digits or an ImageFolder) at the traced size.
+
+    Passes use them to measure the model on real data (prune's taylor and compensate, ebcle's scores);
+    ``who`` names the pass in error messages.
+    """
+    if example.dim() != 4 or example.shape[-1] != example.shape[-2]:
+        raise SurgeryError(f"{who}: calibration data needs a square image input, not {tuple(example.shape[1:])}")
+    data = load_data(spec, image_size=int(example.shape[-1]), limit=n_images, seed=seed)
+    if example.shape[1] != 3:
+        raise SurgeryError(f"{who}: calibration images are RGB but the model takes {example.shape[1]} channels")
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)  # the training transforms are random: same plan on every run
+        items = [data.train[i] for i in range(min(n_images, len(data.train)))]
+    batches = []
+    for i in range(0, len(items), batch_size):
+        chunk = items[i:i + batch_size]
+        images = torch.stack([im for im, _ in chunk]).to(example.device, example.dtype)
+        batches.append((images, torch.tensor([y for _, y in chunk], device=example.device)))
+    return Calibration(batches, data.num_classes)

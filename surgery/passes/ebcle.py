@@ -24,6 +24,7 @@ import torch
 from torch import fx, nn
 
 from ..blocks import Block, Structure, collapse, find_structure, identity_scores
+from ..data import load_calibration
 from ..entropy import MAX_NATS
 from ..errors import SurgeryError
 from ..graph import compare_outputs, propagate_shapes
@@ -344,9 +345,7 @@ def ebcle(gm: fx.GraphModule, cfg: EbcleConfig, ctx: PassContext) -> fx.GraphMod
             if not spec:
                 raise SurgeryError("ebcle:select=identity needs calibration images: add data=digits or "
                                    "data=FOLDER, or use select=position")
-            from .prune import load_calibration
-
-            calib = load_calibration(spec, example, cfg.calib, seed=cfg.seed)
+            calib = load_calibration(spec, example, cfg.calib, seed=cfg.seed, who="ebcle")
             scores = identity_scores(gm, structure, [b[0] for b in calib.batches],
                                      output_change=cfg.metric == "output")
         removed = choose(structure, keep, select, scores, cfg.metric)
