@@ -107,7 +107,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-latency", action="store_true", help="skip the latency measurement")
     p.add_argument("--finetune-epochs", type=int, default=0,
                    help="fine-tune the rewritten model for N epochs on --data, distilling from the original")
-    p.add_argument("--data", help="data for --finetune-epochs: digits or an ImageFolder path")
+    p.add_argument("--data", help="digits or an ImageFolder path: data for --finetune-epochs, and calibration "
+                   "images for passes that use them (prune: importance=taylor, compensate=on)")
     _train_args(p, epochs=False)
 
     p = sub.add_parser("train", help="train a model on a data set (a baseline to operate on)")
