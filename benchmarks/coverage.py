@@ -103,15 +103,10 @@ def count_params_meta(name: str) -> int:
     import timm
     import torch
 
+    from surgery.report import count_params
+
     with torch.device("meta"):
-        model = timm.create_model(name, pretrained=False)
-    seen: set[int] = set()
-    total = 0
-    for p in model.parameters():
-        if id(p) not in seen:
-            seen.add(id(p))
-            total += p.numel()
-    return total
+        return count_params(timm.create_model(name, pretrained=False))
 
 
 def compute_families() -> dict[str, Any]:

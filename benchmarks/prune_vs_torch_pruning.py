@@ -83,13 +83,9 @@ def require_torch_pruning() -> Any:
 
 
 def n_params(model: Any) -> int:
-    seen: set[int] = set()
-    total = 0
-    for p in model.parameters():
-        if id(p) not in seen:
-            seen.add(id(p))
-            total += p.numel()
-    return total
+    from surgery.report import count_params
+
+    return count_params(model)
 
 
 def flops_of(model: Any, x: Any) -> int | None:
