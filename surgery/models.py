@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import difflib
+import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -11,6 +12,8 @@ import torch
 from torch import nn
 
 from .errors import SurgeryError
+
+log = logging.getLogger(__name__)
 
 DEFAULT_INPUT_SIZE = (3, 224, 224)
 
@@ -144,10 +147,25 @@ def source_of(model: nn.Module, input_size: tuple[int, int, int]) -> dict[str, A
         default = cfg.get("input_size")
         if default and tuple(default[1:]) != tuple(input_size[1:]):
             kwargs["img_size"] = list(input_size[1:])
-        return {"kind": "timm", "name": cfg["architecture"],
-                "kwargs": {k: v for k, v in kwargs.items() if v is not None}}
+        source = {"kind": "timm", "name": cfg["architecture"],
+                  "kwargs": {k: v for k, v in kwargs.items() if v is not None}}
+        if _rebuilds(model, source):
+            return source
+        # Built with kwargs the recipe cannot know (patch_size, depth, ...): load() needs base_model.
+        log.info("%s was built with custom arguments; surgery.load will need base_model=", cfg["architecture"])
     cls = type(model)
     return {"kind": "module", "class": f"{cls.__module__}.{cls.__qualname__}"}
+
+
+def _rebuilds(model: nn.Module, source: dict[str, Any]) -> bool:
+    """Does ``source`` build ``model``'s architecture? Compared by parameter and buffer shapes, on meta."""
+    try:
+        with torch.device("meta"):
+            rebuilt = build_source(source)
+    except Exception:  # noqa: BLE001 - any failure means the recipe could not rebuild it either
+        return False
+    shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    return shapes == {k: tuple(v.shape) for k, v in rebuilt.state_dict().items()}
 
 
 def load_weights(model: nn.Module, path: str | Path) -> None:

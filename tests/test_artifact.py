@@ -112,3 +112,22 @@ def test_loading_never_unpickles(saved, tmp_path):
     with safe_open(str(saved[1] / "model.safetensors"), "pt") as f:
         assert "conv1.weight" in f.keys()
     save_file({"x": torch.zeros(1)}, str(tmp_path / "t.safetensors"))  # the format we rely on
+
+
+def test_timm_model_built_with_custom_arguments_needs_its_base_model(tmp_path):
+    # patch_size=8 is not in the recipe's source: rebuilding by name would give another architecture.
+    import timm
+
+    def build():
+        torch.manual_seed(0)
+        return timm.create_model("vit_tiny_patch16_224", img_size=32, patch_size=8, num_classes=10).eval()
+
+    x = torch.randn(2, 3, 32, 32)
+    result = surgery.apply(build(), ["fuse"], example_inputs=x, measure=False)
+    assert result.recipe["source"]["kind"] == "module"
+    result.save(tmp_path / "vit")
+    with pytest.raises(SurgeryError, match="base_model"):
+        surgery.load(tmp_path / "vit")
+    again = surgery.load(tmp_path / "vit", base_model=build())
+    with torch.no_grad():
+        assert (again(x) - result.model(x)).abs().max().item() <= 1e-6
