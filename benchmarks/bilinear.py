@@ -315,10 +315,9 @@ def part_resnet50(args) -> dict[str, Any]:
 
 
 def _n(v: float) -> str:
-    for unit, div in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
-        if abs(v) >= div:
-            return f"{v / div:.2f}{unit}"
-    return f"{v:.0f}"
+    from surgery.report import human_count
+
+    return human_count(v)
 
 
 def _x(dense: float, other: float) -> str:

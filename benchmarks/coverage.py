@@ -194,39 +194,19 @@ class Progress:
 
 
 def output_scale(out: Any) -> float:
-    import torch
+    from surgery.graph import output_scale
 
-    if isinstance(out, torch.Tensor):
-        return out.detach().abs().max().item() if out.numel() else 0.0
-    if isinstance(out, (list, tuple)):
-        return max((output_scale(o) for o in out), default=0.0)
-    if isinstance(out, dict):
-        return max((output_scale(o) for o in out.values()), default=0.0)
-    return 0.0
+    return output_scale(out)
 
 
 def all_finite(out: Any) -> bool:
-    import torch
-
-    if isinstance(out, torch.Tensor):
-        return bool(torch.isfinite(out).all()) if out.is_floating_point() else True
-    if isinstance(out, (list, tuple)):
-        return all(all_finite(o) for o in out)
-    if isinstance(out, dict):
-        return all(all_finite(o) for o in out.values())
-    return True
+    return all(bool(t.isfinite().all()) for t in flat_tensors(out) if t.is_floating_point())
 
 
 def flat_tensors(out: Any) -> list[Any]:
-    import torch
+    from surgery.graph import output_tensors
 
-    if isinstance(out, torch.Tensor):
-        return [out]
-    if isinstance(out, (list, tuple)):
-        return [t for o in out for t in flat_tensors(o)]
-    if isinstance(out, dict):
-        return [t for o in out.values() for t in flat_tensors(o)]
-    return []
+    return output_tensors(out)
 
 
 def _head_check(cfg: Any, reference: Any, out: Any) -> str | None:

@@ -103,15 +103,9 @@ def flops_of(model: Any, x: Any) -> int | None:
 
 
 def tensors(out: Any) -> list[Any]:
-    import torch
+    from surgery.graph import output_tensors
 
-    if isinstance(out, torch.Tensor):
-        return [out]
-    if isinstance(out, (list, tuple)):
-        return [t for o in out for t in tensors(o)]
-    if isinstance(out, dict):
-        return [t for o in out.values() for t in tensors(o)]
-    return []
+    return output_tensors(out)
 
 
 def same_shapes(ref: Any, out: Any) -> str | None:

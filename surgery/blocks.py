@@ -36,7 +36,7 @@ import torch
 from torch import fx, nn
 
 from .errors import SurgeryError
-from .graph import finalize, node_shape
+from .graph import finalize, node_shape, output_tensors
 
 _ADD_FUNCTIONS = {operator.add, operator.iadd, torch.add}
 _ADD_METHODS = {"add", "add_"}
@@ -548,13 +548,10 @@ def identity_scores(gm: fx.GraphModule, structure: Structure, batches: Iterable[
 
 
 def _first_tensor(out: Any) -> torch.Tensor:
-    if isinstance(out, torch.Tensor):
-        return out
-    if isinstance(out, (list, tuple)):
-        return _first_tensor(out[0])
-    if isinstance(out, dict):
-        return _first_tensor(next(iter(out.values())))
-    raise TypeError(f"model output has no tensor: {type(out).__name__}")
+    tensors = output_tensors(out)
+    if not tensors:
+        raise TypeError(f"model output has no tensor: {type(out).__name__}")
+    return tensors[0]
 
 
 class _zeroed_consumers:

@@ -28,6 +28,7 @@ from onnx.external_data_helper import ExternalDataInfo, uses_external_data
 from torch import nn
 
 from .errors import SurgeryError
+from .graph import output_tensors
 
 if TYPE_CHECKING:
     import onnxruntime
@@ -123,17 +124,6 @@ def _short(exc: BaseException, limit: int = 160) -> str:
         name, text = match.groups()
     msg = f"{name}: {text}" if text else name
     return msg if len(msg) <= limit else msg[: limit - 3] + "..."
-
-
-def _tensors(out: Any) -> list[torch.Tensor]:
-    """The tensors of a (nested) model output, in the order the exporters flatten them."""
-    if isinstance(out, torch.Tensor):
-        return [out]
-    if isinstance(out, (list, tuple)):
-        return [t for o in out for t in _tensors(o)]
-    if isinstance(out, dict):
-        return [t for o in out.values() for t in _tensors(o)]
-    return []
 
 
 def _device(model: nn.Module) -> torch.device:
@@ -315,7 +305,7 @@ def _parity(
         for batch in batch_sizes:
             x = torch.randn((batch, *input_shape), generator=generator)
             with torch.no_grad():
-                expected = [t.float().cpu().numpy() for t in _tensors(model(x.to(device)))]
+                expected = [t.float().cpu().numpy() for t in output_tensors(model(x.to(device)))]
             got = session.run(None, {input_name: x.numpy()})
             shapes = [e.shape for e in expected], [g.shape for g in got]
             if shapes[0] != shapes[1]:

@@ -141,14 +141,20 @@ def compare_outputs(a: Any, b: Any) -> float:
     return 0.0 if a == b else float("inf")
 
 
-def _output_scale(out: Any) -> float:
+def output_tensors(out: Any) -> list[torch.Tensor]:
+    """The tensors of a (nested) model output, in the order the exporters flatten them."""
     if isinstance(out, torch.Tensor):
-        return out.detach().abs().max().item() if out.numel() else 0.0
+        return [out]
     if isinstance(out, (list, tuple)):
-        return max((_output_scale(o) for o in out), default=0.0)
+        return [t for o in out for t in output_tensors(o)]
     if isinstance(out, dict):
-        return max((_output_scale(o) for o in out.values()), default=0.0)
-    return 0.0
+        return [t for o in out.values() for t in output_tensors(o)]
+    return []
+
+
+def output_scale(out: Any) -> float:
+    """Largest magnitude in a (nested) output: the scale relative tolerances refer to."""
+    return max((t.detach().abs().max().item() for t in output_tensors(out) if t.numel()), default=0.0)
 
 
 def propagate_shapes(gm: fx.GraphModule, example_inputs: Any) -> Any:
@@ -220,7 +226,7 @@ def trace(
     graph_out = propagate_shapes(gm, inputs)
     if verify:
         diff = compare_outputs(eager_out, graph_out)
-        scale = _output_scale(eager_out)
+        scale = output_scale(eager_out)
         info.max_abs_diff = diff
         if not diff <= TRACE_ATOL + TRACE_RTOL * scale:
             raise RuntimeError(

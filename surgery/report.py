@@ -11,7 +11,7 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode, sdpa_flop
 
-from .graph import compare_outputs
+from .graph import compare_outputs, output_tensors
 
 LATENCY_BATCHES = (1, 8)
 
@@ -74,11 +74,8 @@ def measure_latency(model: nn.Module, example_input: torch.Tensor, *, warmup: in
 
 
 def _flat(out: Any) -> torch.Tensor:
-    if isinstance(out, torch.Tensor):
-        return out.detach().float().flatten()
-    if isinstance(out, dict):
-        out = list(out.values())
-    return torch.cat([_flat(o) for o in out]) if out else torch.zeros(0)
+    tensors = [t.detach().float().flatten() for t in output_tensors(out)]
+    return torch.cat(tensors) if tensors else torch.zeros(0)
 
 
 def output_drift(reference: Any, candidate: Any) -> dict[str, float]:
@@ -128,7 +125,8 @@ def compare_models(original: nn.Module, rewritten: nn.Module, input_size: tuple[
 # --- presentation ---------------------------------------------------------------------
 
 
-def _human(n: float) -> str:
+def human_count(n: float) -> str:
+    """12,345,678 -> 12.35M: counts of params and FLOPs for tables."""
     for unit, div in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
         if abs(n) >= div:
             return f"{n / div:.2f}{unit}"
@@ -143,9 +141,9 @@ def format_table(report: dict[str, Any]) -> str:
     """The report as a plain-text table for the terminal."""
     before, after = report["before"], report["after"]
     rows = [("", "before", "after", "ratio")]
-    rows.append(("params", _human(before["params"]), _human(after["params"]),
+    rows.append(("params", human_count(before["params"]), human_count(after["params"]),
                  _ratio(before["params"], after["params"])))
-    rows.append(("FLOPs (batch 1)", _human(before["flops"]), _human(after["flops"]),
+    rows.append(("FLOPs (batch 1)", human_count(before["flops"]), human_count(after["flops"]),
                  _ratio(before["flops"], after["flops"])))
     for b in before.get("latency_ms", {}):
         lb, la = before["latency_ms"][b], after["latency_ms"][b]
