@@ -3,14 +3,34 @@
 `digits` is scikit-learn's handwritten digits (1797 images of 8x8, 10 classes), shipped
 inside the scikit-learn wheel, so tests and demos need no download. Every data set also
 gives raw 8-bit images (before any normalisation), which the EBCLE entropy needs.
+
+ImageFolder safety rules (``_walk_class``, ``check_image``):
+
+- Links: each class folder is walked by its real path, real subfolders only. A symlinked
+  file is used only if its real path stays inside the class folder; a symlinked folder is
+  never descended: if it leaves the class folder it is refused, and if it stays inside, its
+  real folder is listed anyway (so following it could only loop or duplicate). Every folder
+  is thus listed once, whatever the links. A class folder may itself be a link (its real
+  path is then the boundary), unless it points at the data root or above (a loop).
+- Size: an image over PIL's ``Image.MAX_IMAGE_PIXELS`` (PIL's default: about 89 M pixels)
+  is a decompression bomb and is skipped, both when scanning (header only) and when loading.
+- Corrupt files: anything PIL raises for a bad file (``IMAGE_ERRORS``) skips that file.
+- Skips are counted by reason (``SkipReport``), logged once per data set in one line, and
+  kept on ``ImageData.skipped``; a data set left with no readable image is a one-line
+  ``SurgeryError``. Files are only ever opened for reading.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import stat
+import struct
+import warnings
+import zlib
+from collections import Counter
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -28,16 +48,115 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 BUILTIN = ("digits",)
 
+# What PIL raises for a corrupt, truncated or hostile file (its plugins leak more than OSError).
+BOMB_ERRORS = (Image.DecompressionBombError, Image.DecompressionBombWarning)
+IMAGE_ERRORS = (OSError, ValueError, SyntaxError, EOFError, IndexError, KeyError, TypeError,
+                struct.error, zlib.error) + BOMB_ERRORS
+
+# Skip reasons: image files, then links, then folders.
+TOO_LARGE = "too large (decompression bomb)"
+UNREADABLE = "corrupt or not an image"
+LINK_OUTSIDE = "leave the class folder"
+LINK_INSIDE_DIR = "folder inside, already listed (loop or alias)"
+LINK_BROKEN = "broken or looping"
+CLASS_LOOP = "class folder pointing at the data root or above"
+UNLISTABLE = "folder that could not be listed"
+FILE_REASONS = (TOO_LARGE, UNREADABLE)
+LINK_REASONS = (LINK_OUTSIDE, LINK_INSIDE_DIR, LINK_BROKEN, CLASS_LOOP)
+
+
+@dataclass
+class SkipReport:
+    """How many image files a scan found and what it skipped, by reason (the rules are in the module doc)."""
+
+    root: str = ""
+    files: int = 0  # image-named files looked at, skipped ones included
+    skipped: Counter = field(default_factory=Counter)
+
+    def add(self, reason: str, n: int = 1) -> None:
+        self.skipped[reason] += n
+
+    def merge(self, other: SkipReport) -> SkipReport:
+        self.files += other.files
+        self.skipped.update(other.skipped)
+        return self
+
+    @property
+    def bad_files(self) -> int:
+        return sum(self.skipped[r] for r in FILE_REASONS)
+
+    def to_dict(self) -> dict[str, int]:
+        return {k: v for k, v in sorted(self.skipped.items()) if v}
+
+    def summary(self) -> str | None:
+        """One line: ``ROOT: skipped 3 unreadable image file(s) of 40 (...); did not follow 2 symlink(s) (...)``."""
+        def detail(reasons):
+            return ", ".join(f"{self.skipped[r]} {r}" for r in reasons if self.skipped[r])
+
+        parts = []
+        if self.bad_files:
+            parts.append(f"skipped {self.bad_files} unreadable image file(s) of {self.files} ({detail(FILE_REASONS)})")
+        links = sum(self.skipped[r] for r in LINK_REASONS)
+        if links:
+            parts.append(f"did not follow {links} symlink(s) ({detail(LINK_REASONS)})")
+        if self.skipped[UNLISTABLE]:
+            parts.append(f"could not list {self.skipped[UNLISTABLE]} folder(s)")
+        return f"{self.root}: {'; '.join(parts)}" if parts else None
+
+    def log(self) -> None:
+        line = self.summary()
+        if line:
+            log.warning("%s", line)
+
+
+class NoReadableImages(SurgeryError):
+    """Every image was bad. Stays one line when a DataLoader worker re-raises it with the traceback inside."""
+
+    def __init__(self, message: str):
+        line = message.strip().splitlines()[-1] if message.strip() else message
+        prefix = f"{type(self).__module__}.{type(self).__qualname__}: "
+        super().__init__(line.removeprefix(prefix))
+
+
+def open_image(path: str) -> Image.Image:
+    """Decode one image as RGB; a decompression bomb raises (PIL would only warn below 2x its limit)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        with open(path, "rb") as f, Image.open(f) as im:
+            return im.convert("RGB")
+
+
+def check_image(path: str) -> str | None:
+    """Why ``path`` cannot be used (a skip reason), from its header only; None if it looks fine."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as im:  # reads the header only; PIL checks the pixel count here
+                im.size  # noqa: B018
+    except BOMB_ERRORS:
+        return TOO_LARGE
+    except IMAGE_ERRORS:
+        return UNREADABLE
+    return None
+
+
+def skip_reason(exc: BaseException) -> str:
+    return TOO_LARGE if isinstance(exc, BOMB_ERRORS) else UNREADABLE
+
 
 @dataclass
 class ImageData:
-    """A train/val pair of data sets that yield (normalised CHW float tensor, class index)."""
+    """A train/val pair of data sets that yield (normalised CHW float tensor, class index).
+
+    ``skipped`` holds what the folder scan left out (None for built-in sets).
+    """
 
     name: str
     train: Dataset
     val: Dataset
     classes: list[str]
     image_size: int
+    skipped: SkipReport | None = None
 
     @property
     def num_classes(self) -> int:
@@ -101,18 +220,21 @@ def digits_uint8(image_size: int = 32) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 class SafeImageFolder(Dataset):
-    """ImageFolder that skips unreadable images (counted, warned) instead of crashing mid-epoch."""
+    """ImageFolder that skips unreadable images (counted, warned) instead of crashing mid-epoch.
+
+    ``skipped`` counts load-time skips by reason, in this process (each DataLoader worker keeps its own).
+    """
 
     def __init__(self, root: Path, classes: list[str], samples: list[tuple[str, int]], transform=None):
         self.root, self.classes, self.samples, self.transform = root, classes, samples, transform
         self.bad: set[int] = set()
+        self.skipped: Counter = Counter()
 
     def __len__(self) -> int:
         return len(self.samples)
 
     def load(self, i: int) -> Image.Image:
-        with open(self.samples[i][0], "rb") as f:
-            return Image.open(f).convert("RGB")
+        return open_image(self.samples[i][0])
 
     def __getitem__(self, i: int):
         for step in range(len(self.samples)):
@@ -121,53 +243,131 @@ class SafeImageFolder(Dataset):
                 continue
             try:
                 img = self.load(j)
-            except (OSError, ValueError, SyntaxError) as exc:
+            except IMAGE_ERRORS as exc:
                 self.bad.add(j)
+                self.skipped[skip_reason(exc)] += 1
                 log.warning("skipping unreadable image %s (%s); %d skipped so far",
                             self.samples[j][0], type(exc).__name__, len(self.bad))
                 continue
             return (self.transform(img) if self.transform else img), self.samples[j][1]
-        raise SurgeryError(f"no readable image in {self.root}")
+        raise NoReadableImages(f"no readable image in {self.root}: all {len(self.samples)} failed to load")
 
 
-def _scan_folder(root: Path) -> tuple[list[str], list[tuple[str, int]], int]:
-    """Class folders and (path, class) samples; files that PIL cannot even identify are dropped."""
-    classes = sorted(d.name for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
+def _is_image_name(name: str) -> bool:
+    return name.lower().endswith(IMAGE_EXTENSIONS)
+
+
+def _walk_class(folder: str, report: SkipReport) -> Iterator[str]:
+    """Image files of one class folder (sorted, depth first), by the link rules of the module doc.
+
+    Only real folders are descended, so each is listed once and no link can loop; a file link is
+    used (as its real path) when that stays inside the class folder.
+    """
+    top = Path(os.path.realpath(folder))
+    stack = [str(top)]
+    while stack:
+        here = stack.pop()
+        try:
+            with os.scandir(here) as it:
+                entries = sorted(it, key=lambda e: e.name)
+        except OSError:
+            report.add(UNLISTABLE)
+            continue
+        subdirs = []
+        for e in entries:
+            if e.is_symlink():
+                path = _follow_link(e, top, report)
+                if path is not None:
+                    report.files += 1
+                    yield path
+            elif e.is_dir(follow_symlinks=False):
+                subdirs.append(e.path)
+            elif _is_image_name(e.name):
+                report.files += 1
+                if e.is_file(follow_symlinks=False):
+                    yield e.path
+                else:  # a FIFO or device named like an image: opening it could block
+                    report.add(UNREADABLE)
+        stack.extend(reversed(subdirs))
+
+
+def _follow_link(e: os.DirEntry, top: Path, report: SkipReport) -> str | None:
+    """The real path of an image link that stays inside ``top``; None (counted) for any other link."""
+    target = Path(os.path.realpath(e.path))  # never raises: a loop comes back unresolved
+    try:
+        st = os.stat(target)
+    except OSError:  # dangling, or a loop of links (ELOOP)
+        if _is_image_name(e.name):
+            report.add(LINK_BROKEN)
+        return None
+    is_dir = stat.S_ISDIR(st.st_mode)
+    if not target.is_relative_to(top):
+        if is_dir or _is_image_name(e.name):
+            report.add(LINK_OUTSIDE)
+        return None
+    if is_dir:
+        report.add(LINK_INSIDE_DIR)
+        return None
+    if not _is_image_name(e.name):
+        return None
+    if not stat.S_ISREG(st.st_mode):
+        report.files += 1
+        report.add(UNREADABLE)
+        return None
+    return str(target)
+
+
+def _scan_folder(root: Path) -> tuple[list[str], list[tuple[str, int]], SkipReport]:
+    """Class folders and (path, class) samples; files that PIL cannot identify, or too large, are dropped."""
+    report = SkipReport(str(root))
+    real_root = Path(os.path.realpath(root))
+    classes, folders = [], []
+    for d in sorted(root.iterdir(), key=lambda p: p.name):
+        if d.name.startswith(".") or not d.is_dir():
+            continue
+        real = Path(os.path.realpath(d))
+        if real_root.is_relative_to(real):  # cls -> . or .. would hold the other classes: a loop
+            report.add(CLASS_LOOP)
+            continue
+        classes.append(d.name)
+        folders.append(str(real))
     if not classes:
         raise SurgeryError(f"{root} has no class folders; expected {root}/CLASS_NAME/image.jpg (ImageFolder)")
-    samples, unreadable = [], 0
-    for idx, cls in enumerate(classes):
-        for dirpath, _, files in os.walk(root / cls, followlinks=True):
-            for name in sorted(files):
-                if not name.lower().endswith(IMAGE_EXTENSIONS):
-                    continue
-                path = os.path.join(dirpath, name)
-                try:
-                    with Image.open(path) as im:  # reads the header only
-                        im.size  # noqa: B018
-                except (OSError, ValueError, SyntaxError):
-                    unreadable += 1
-                    continue
+    samples = []
+    for idx, folder in enumerate(folders):
+        for path in _walk_class(folder, report):
+            reason = check_image(path)
+            if reason:
+                report.add(reason)
+            else:
                 samples.append((path, idx))
     if not samples:
-        raise SurgeryError(f"{root} has class folders but no images ({', '.join(IMAGE_EXTENSIONS)})")
-    return classes, samples, unreadable
+        why = report.summary()
+        if report.files:
+            raise NoReadableImages(f"no readable image in {why}")
+        raise SurgeryError(f"{root} has class folders but no images ({', '.join(IMAGE_EXTENSIONS)})"
+                           + (f"; {why}" if why else ""))
+    return classes, samples, report
 
 
 def _folder_splits(root: Path, val_fraction: float, seed: int):
+    """Classes, train and val samples, and one SkipReport for the whole data set."""
+    report = SkipReport(str(root))
     if (root / "train").is_dir():
         classes, train, bad = _scan_folder(root / "train")
+        report.merge(bad)
         val_root = next((root / n for n in ("val", "valid", "validation", "test") if (root / n).is_dir()), None)
         if val_root is not None:
             val_classes, val, bad_val = _scan_folder(val_root)
             if val_classes != classes:
                 raise SurgeryError(f"{root}/train and {val_root} have different class folders")
-            return classes, train, val, bad + bad_val
-        root_samples, bad_total = train, bad
+            return classes, train, val, report.merge(bad_val)
+        root_samples = train
     else:
-        classes, root_samples, bad_total = _scan_folder(root)
+        classes, root_samples, bad = _scan_folder(root)
+        report.merge(bad)
     tr, va = _seeded_split(len(root_samples), val_fraction, seed, [c for _, c in root_samples])
-    return classes, [root_samples[i] for i in tr], [root_samples[i] for i in va], bad_total
+    return classes, [root_samples[i] for i in tr], [root_samples[i] for i in va], report
 
 
 def load_data(
@@ -201,14 +401,13 @@ def load_data(
             raise SurgeryError(f"data {spec!r} not found; give an ImageFolder path{hint}")
         if not root.is_dir():
             raise SurgeryError(f"data {spec!r} is a file; give a folder with one subfolder per class")
-        classes, tr_samples, va_samples, bad = _folder_splits(root, val_fraction, seed)
-        if bad:
-            log.warning("skipped %d unreadable image file(s) under %s", bad, root)
+        classes, tr_samples, va_samples, skipped = _folder_splits(root, val_fraction, seed)
+        skipped.log()  # one line for the whole data set
         flip = True if hflip is None else hflip
         train = SafeImageFolder(root, classes, tr_samples,
                                 transforms(image_size, train=True, mean=mean, std=std, hflip=flip))
         val = SafeImageFolder(root, classes, va_samples, transforms(image_size, train=False, mean=mean, std=std))
-        data = ImageData(str(root), train, val, classes, image_size)
+        data = ImageData(str(root), train, val, classes, image_size, skipped)
     if limit is not None:
         data.train = Subset(data.train, _spread(len(data.train), limit))
         data.val = Subset(data.val, _spread(len(data.val), max(1, limit // 4)))
@@ -221,8 +420,12 @@ def _spread(n: int, k: int) -> list[int]:
     return sorted({int(i * n / k) for i in range(k)})
 
 
-def raw_images(spec: str, *, image_size: int | None = None) -> Iterator[np.ndarray]:
-    """Every image of a data set as raw uint8 HxWxC, streamed (before resizing when image_size is None)."""
+def raw_images(spec: str, *, image_size: int | None = None,
+               report: SkipReport | None = None) -> Iterator[np.ndarray]:
+    """Every image of a data set as raw uint8 HxWxC, streamed (before resizing when image_size is None).
+
+    Bad files are skipped; ``report`` (if given) collects the counts, logged in one line at the end.
+    """
     if spec == "digits":
         from sklearn.datasets import load_digits
 
@@ -236,20 +439,24 @@ def raw_images(spec: str, *, image_size: int | None = None) -> Iterator[np.ndarr
     root = Path(spec)
     if not root.is_dir():
         raise SurgeryError(f"data {spec!r} not found; give an ImageFolder path (built-in: {', '.join(BUILTIN)})")
+    report = report if report is not None else SkipReport()
+    report.root = str(root)
     splits = [root / "train", root / "val"] if (root / "train").is_dir() else [root]
     for split in splits:
         if not split.is_dir():
             continue
-        classes, samples, _ = _scan_folder(split)
-        ds = SafeImageFolder(split, classes, samples)
-        for i in range(len(ds)):
+        classes, samples, scanned = _scan_folder(split)
+        report.merge(scanned)
+        for path, _ in samples:
             try:
-                img = ds.load(i)
-            except (OSError, ValueError, SyntaxError):
+                img = open_image(path)
+            except IMAGE_ERRORS as exc:  # e.g. a truncated file whose header was fine
+                report.add(skip_reason(exc))
                 continue
             if image_size is not None:
                 img = img.resize((image_size, image_size), Image.BILINEAR)
             yield np.asarray(img)
+    report.log()
 
 
 def default_workers(dataset: Dataset) -> int:

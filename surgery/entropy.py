@@ -2,6 +2,8 @@
 
 For each image: the Shannon entropy of the histogram of its raw 8-bit pixel values, all
 channels pooled, in nats. The data set's figure is the mean over its images (max ln 256).
+Files the loader skips (corrupt, decompression bombs, links out of the class folder; see
+``surgery.data``) are left out of the mean and counted in ``EntropyStats.skipped``.
 """
 
 from __future__ import annotations
@@ -41,6 +43,7 @@ class EntropyStats:
     min: float
     max: float
     values: list[float] = field(repr=False, default_factory=list)
+    skipped: dict[str, int] = field(default_factory=dict)  # reason -> files or links left out
 
     def to_dict(self, with_values: bool = False) -> dict[str, Any]:
         d = asdict(self)
@@ -52,19 +55,21 @@ class EntropyStats:
 def dataset_entropy(spec: str, *, bits: bool = False, progress: bool = False,
                     images: Iterable[np.ndarray] | None = None) -> EntropyStats:
     """Stream the raw images of ``spec`` (digits or an ImageFolder) and summarise their entropy."""
-    from .data import raw_images
+    from .data import SkipReport, raw_images
 
     base = 2.0 if bits else math.e
-    source = images if images is not None else raw_images(spec)
+    report = SkipReport(spec)
+    source = images if images is not None else raw_images(spec, report=report)
     if progress:
         from tqdm.auto import tqdm
 
         source = tqdm(source, desc="entropy", unit="img")
     values = np.fromiter((image_entropy(img, base=base) for img in source), dtype=np.float64)
     if values.size == 0:
-        raise SurgeryError(f"{spec} has no readable images")
+        raise SurgeryError(f"no readable image in {report.summary() or spec}")
     return EntropyStats(spec, "bits" if bits else "nats", int(values.size), float(values.mean()),
-                        float(values.std()), float(values.min()), float(values.max()), values.tolist())
+                        float(values.std()), float(values.min()), float(values.max()), values.tolist(),
+                        report.to_dict())
 
 
 def plot_histogram(stats: EntropyStats, path: str | Path) -> Path:
