@@ -15,6 +15,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 demo: $(STAMP)
+	mkdir -p $(dir $(DEMO_OUT))
 	$(VENV)/bin/surgery apply resnet50 --pass bilinear --out $(DEMO_OUT) --onnx --force
 
 test: $(STAMP)

@@ -4,6 +4,7 @@
 """
 
 import sys
+from pathlib import Path
 
 import torch
 
@@ -14,6 +15,7 @@ model_name = sys.argv[1] if len(sys.argv) > 1 else "resnet50"
 out = sys.argv[2] if len(sys.argv) > 2 else f"runs/{model_name}-fused"
 
 result = surgery.apply(model_name, ["fuse"], input_size="3x160x160")
+Path(out).parent.mkdir(parents=True, exist_ok=True)  # saving never creates missing parents
 result.save(out, onnx=True, force=True)
 print(format_table(result.report))
 

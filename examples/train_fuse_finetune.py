@@ -3,10 +3,13 @@
     python examples/train_fuse_finetune.py
 """
 
+from pathlib import Path
+
 import surgery
 from surgery.tasks import evaluate_model, finetune, train
 from surgery.train import TrainConfig
 
+Path("runs/example").mkdir(parents=True, exist_ok=True)  # saving never creates missing parents
 base = train("resnet18", "digits", TrainConfig(epochs=3), out="runs/example/base", force=True)
 print("baseline val top-1:", base.metrics["val_top1"])
 

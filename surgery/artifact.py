@@ -6,8 +6,8 @@ architecture is rebuilt by replaying the recipe's passes on the source model.
 
 from __future__ import annotations
 
-import hashlib
 import json
+import os
 import shutil
 import tempfile
 from collections.abc import Sequence
@@ -20,6 +20,9 @@ from torch import fx, nn
 from . import __version__
 from .errors import SurgeryError
 from .models import LoadedModel, load_state_dict_checked
+from .recipe import RECIPE_FORMAT, read_recipe_file
+from .safeio import PARTIAL, check_parent, recover, refuse_symlink, replace_dir, sha256_file
+from .validate import ValidationError, parse_json
 
 if TYPE_CHECKING:
     from .pipeline import SurgeryResult
@@ -28,14 +31,6 @@ RECIPE = "recipe.json"
 WEIGHTS = "model.safetensors"
 REPORT = "report.json"
 ONNX = "model.onnx"
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _json_default(obj: Any) -> Any:
@@ -52,14 +47,62 @@ def write_json(path: Path, data: Any) -> None:
     path.write_text(json.dumps(data, indent=2, default=_json_default, allow_nan=True) + "\n")
 
 
-def check_out_dir(out: str | Path, force: bool) -> Path:
-    """Refuse to write into a non-empty folder unless ``force``; nothing is written here."""
+# What surgery itself writes into an artifact folder: --force replaces a folder holding only these.
+ARTIFACT_ENTRIES = frozenset({RECIPE, WEIGHTS, REPORT, ONNX, ONNX + ".data", "history.json", "checkpoint",
+                              "report.png", "curves.png"})
+
+
+def _is_our_recipe(path: Path) -> bool:
+    if path.is_symlink() or not path.is_file():
+        return False
+    try:
+        data = parse_json(path.read_text(encoding="utf-8"), path.name)
+    except (OSError, UnicodeDecodeError, SurgeryError):
+        return False
+    return isinstance(data, dict) and data.get("format") == RECIPE_FORMAT
+
+
+def check_out_dir(out: str | Path, force: bool, *, protect: Sequence[str | Path] = ()) -> Path:
+    """Refuse an output folder that would lose a user's files; nothing is written here.
+
+    A symlink, ``.``, a folder holding (or inside) one of ``protect`` (the source artifact,
+    the data set), a file, or a missing or read-only parent are refused. An existing folder
+    is replaced only with ``force``, and only if it is empty or an artifact of ours with
+    nothing but our files in it. Leftovers of an interrupted save are recovered first.
+    """
     out = Path(out)
+    refuse_symlink(out, "--out")
+    here = out.absolute()
+    if here.resolve() == Path.cwd().resolve():
+        raise SurgeryError(f"--out {str(out)!r} is the current folder; choose a new folder for the artifact")
+    for p in protect:
+        src = Path(p).absolute().resolve()
+        if here.resolve() == src or src.is_relative_to(here.resolve()):
+            raise SurgeryError(f"--out {str(out)!r} holds the input {str(p)!r}; choose another --out")
+    check_parent(out, "--out")
+    recover(out)
     if out.exists() and not out.is_dir():
         raise SurgeryError(f"output {str(out)!r} is a file; choose a folder path for --out")
-    if out.is_dir() and any(out.iterdir()) and not force:
+    entries = sorted(p.name for p in out.iterdir()) if out.is_dir() else []
+    if entries and not force:
         raise SurgeryError(f"output folder {str(out)!r} is not empty; choose another --out or add --force")
+    if entries:
+        ours = _is_our_recipe(out / RECIPE) or (out / "checkpoint").is_dir()
+        if not ours:
+            raise SurgeryError(f"{out} is not a surgery artifact; choose another --out "
+                               "(--force replaces only an empty folder or an artifact of ours)")
+        foreign = [e for e in entries if e not in ARTIFACT_ENTRIES and not e.startswith(".checkpoint")]
+        if foreign:
+            raise SurgeryError(f"{out} holds files surgery did not write ({', '.join(foreign[:3])}); move them "
+                               "or choose another --out")
     return out
+
+
+def _link_or_copy(src: str, dst: str) -> None:
+    try:
+        os.link(src, dst)
+    except OSError:  # a file system without hard links
+        shutil.copy2(src, dst)
 
 
 def save_state(model: nn.Module, path: Path) -> None:
@@ -93,34 +136,29 @@ def write_artifact(
     folder to carry over (a training run's checkpoint/).
     """
     out = check_out_dir(out, force)
-    out.parent.mkdir(parents=True, exist_ok=True)
     input_size = tuple(recipe["input_size"])
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.{PARTIAL}-{os.getpid()}-", dir=out.absolute().parent))
     try:
         save_state(model, tmp / WEIGHTS)
         recipe = dict(recipe)
-        recipe["weights"] = {"file": WEIGHTS, "sha256": _sha256(tmp / WEIGHTS)}
-        recipe["versions"] = {"surgery": __version__, "torch": torch.__version__.split("+")[0]}
-        write_json(tmp / RECIPE, recipe)
-        for name, data in (extras or {}).items():
-            write_json(tmp / name, data)
+        recipe["weights"] = {"file": WEIGHTS, "sha256": sha256_file(tmp / WEIGHTS)}
         if onnx:
             from .export import export_onnx, verify_onnx
 
             export_onnx(model, torch.randn(1, *input_size), tmp / ONNX)
             report["onnx"] = verify_onnx(model, tmp / ONNX, input_size)
             report["onnx"]["path"] = str(out / ONNX)
+            recipe["onnx"] = {"file": ONNX, "sha256": sha256_file(tmp / ONNX)}
+        recipe["versions"] = {"surgery": __version__, "torch": torch.__version__.split("+")[0]}
+        write_json(tmp / RECIPE, recipe)
+        for name, data in (extras or {}).items():
+            write_json(tmp / name, data)
         write_json(tmp / REPORT, report)
         if out.exists():
-            for name in keep:
-                if (out / name).exists():
-                    (out / name).rename(tmp / name)
-            backup = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
-            out.rename(backup / out.name)
-            tmp.rename(out)
-            shutil.rmtree(backup)
-        else:
-            tmp.rename(out)
+            for name in keep:  # hard links: the old folder keeps its copy until the swap is done
+                if (out / name).is_dir() and not (out / name).is_symlink():
+                    shutil.copytree(out / name, tmp / name, symlinks=True, copy_function=_link_or_copy)
+        replace_dir(tmp, out)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp)
@@ -128,38 +166,39 @@ def write_artifact(
 
 
 def read_recipe(directory: str | Path) -> dict[str, Any]:
-    """The recipe of an artifact folder, checked for the fields `load` needs."""
+    """The recipe of an artifact folder, validated against the schema before anything is built."""
     d = Path(directory)
+    recover(d)
     if not d.is_dir():
         raise SurgeryError(f"artifact folder {str(d)!r} not found; give the --out folder of an earlier run")
     missing = [f for f in (RECIPE, WEIGHTS) if not (d / f).is_file()]
     if missing:
         raise SurgeryError(f"artifact {str(d)!r} lacks {', '.join(missing)}; re-run `surgery apply ... --out`")
     try:
-        recipe = json.loads((d / RECIPE).read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise SurgeryError(f"{d / RECIPE} is not valid JSON ({exc.msg if hasattr(exc, 'msg') else exc}); "
-                           "the artifact is damaged") from None
-    from .pipeline import RECIPE_FORMAT
+        return read_recipe_file(d / RECIPE)
+    except ValidationError as exc:
+        raise ValidationError(exc.where, f"{exc.problem} (in {d / RECIPE}: the artifact was modified or "
+                                         "damaged; re-run `surgery apply ... --out`)") from None
 
-    problems = []
-    if not isinstance(recipe, dict) or recipe.get("format") != RECIPE_FORMAT:
-        problems.append(f"format is not {RECIPE_FORMAT}")
-    else:
-        if not isinstance(recipe.get("source"), dict):
-            problems.append("no source")
-        size = recipe.get("input_size")
-        if not (isinstance(size, list) and len(size) == 3 and all(isinstance(v, int) and v > 0 for v in size)):
-            problems.append("bad input_size")
-        steps = recipe.get("passes")
-        if not isinstance(steps, list) or not all(isinstance(s, dict) and isinstance(s.get("pass"), str)
-                                                  for s in steps):
-            problems.append("bad passes list")
-        if not isinstance(recipe.get("weights"), dict) or "sha256" not in recipe["weights"]:
-            problems.append("no weights checksum")
-    if problems:
-        raise SurgeryError(f"{d / RECIPE} is damaged ({'; '.join(problems)}); re-run `surgery apply ... --out`")
-    return recipe
+
+def _check_file(d: Path, entry: dict[str, Any], where: str) -> Path:
+    path = d / entry["file"]
+    if not path.is_file():
+        raise SurgeryError(f"{path} is missing; the recipe lists it at {where} (re-run the export)")
+    if sha256_file(path) != entry["sha256"]:
+        raise SurgeryError(f"{path} does not match the sha256 in its recipe ({where}); the artifact was modified "
+                           "or damaged")
+    return path
+
+
+def onnx_file(directory: str | Path) -> Path:
+    """The artifact's model.onnx, checked against the sha256 in its recipe before any use."""
+    d = Path(directory)
+    recipe = read_recipe(d)
+    if "onnx" not in recipe:
+        raise SurgeryError(f"{d} has no ONNX file in its recipe; write one with `surgery apply ... --onnx` "
+                           "or `surgery export`")
+    return _check_file(d, recipe["onnx"], "$.onnx")
 
 
 def load(directory: str | Path, *, base_model: nn.Module | None = None) -> fx.GraphModule:
@@ -180,10 +219,11 @@ def load_artifact(directory: str | Path, *, base_model: nn.Module | None = None)
 
     d = Path(directory)
     recipe = read_recipe(d)
-    if _sha256(d / WEIGHTS) != recipe["weights"]["sha256"]:
-        raise SurgeryError(f"{d / WEIGHTS} does not match the checksum in its recipe; the artifact was "
-                           "modified or damaged")
-    gm = rebuild(recipe, base_model=base_model)
+    _check_file(d, recipe["weights"], "$.weights")
+    try:
+        gm = rebuild(recipe, base_model=base_model)
+    except ValidationError as exc:
+        raise ValidationError(exc.where, f"{exc.problem} (in {d / RECIPE})") from None
     try:
         state = load_file(str(d / WEIGHTS))
     except (SafetensorError, OSError) as exc:
@@ -196,6 +236,26 @@ def load_artifact(directory: str | Path, *, base_model: nn.Module | None = None)
                 if other in state and t.data_ptr() == tensor.data_ptr() and t.shape == tensor.shape:
                     state[key] = state[other]
                     break
-    load_state_dict_checked(gm, state, what=str(d / WEIGHTS))
+    load_state_dict_checked(gm, state, what=str(d / WEIGHTS), exact_dtype=True)
     gm.eval()
     return LoadedModel(gm, tuple(recipe["input_size"]), recipe["source"], list(recipe["passes"]))
+
+
+def verify_artifact(directory: str | Path, *, base_model: nn.Module | None = None) -> dict[str, Any]:
+    """Check everything an artifact holds without using it: recipe schema and plans, checksums,
+    weight shapes and dtypes against the rebuilt architecture. Raises SurgeryError on the first problem."""
+    d = Path(directory)
+    loaded = load_artifact(d, base_model=base_model)
+    recipe = read_recipe(d)
+    result: dict[str, Any] = {
+        "path": str(d), "source": loaded.name, "passes": [p["pass"] for p in recipe["passes"]],
+        "input_size": recipe["input_size"], "tensors": len(loaded.model.state_dict()),
+        "params": sum(p.numel() for p in loaded.model.parameters()),
+        "weights_sha256": recipe["weights"]["sha256"],
+    }
+    if "onnx" in recipe:
+        onnx_file(d)
+        result["onnx_sha256"] = recipe["onnx"]["sha256"]
+    elif (d / ONNX).exists():
+        result["onnx_sha256"] = None  # written before checksums were recorded: unchecked
+    return result

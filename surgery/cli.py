@@ -1,6 +1,7 @@
 """`surgery` command line: a thin layer over the Python API (parse, call, print).
 
-Exit codes: 0 success, 2 bad usage or input (SurgeryError), 1 failure (e.g. ONNX parity).
+Exit codes: 0 success, 2 bad usage or input (SurgeryError), 1 failure (e.g. ONNX parity),
+130 interrupted (Ctrl-C; a training run saves a checkpoint first).
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from . import __version__
+from . import __version__, limits
 
 log = logging.getLogger("surgery")
 
@@ -22,9 +23,11 @@ log = logging.getLogger("surgery")
 def _model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("model", help="timm model name, torchvision:NAME, or an artifact folder from --out")
     p.add_argument("--weights", help="weights to load: .safetensors or a state-dict .pth")
-    p.add_argument("--num-classes", type=int, help="classifier size (default: the model's)")
+    p.add_argument("--num-classes", type=limits.num_classes_arg, help="classifier size (default: the model's)")
     p.add_argument("--input-size", help="input as H, HxW or CxHxW (default: the model's pretrained_cfg)")
     p.add_argument("--json", action="store_true", help="print the result as JSON on stdout")
+    p.add_argument("--max-memory", type=limits.memory_arg, metavar="SIZE",
+                   help="refuse sizes whose memory estimate exceeds this, e.g. 8G, 512M (default: this machine's RAM)")
 
 
 def _train_args(p: argparse.ArgumentParser, *, epochs: bool = True, default_epochs: int = 10) -> None:
@@ -75,7 +78,9 @@ def _schedule(args: argparse.Namespace):
 
 def _train_config(args: argparse.Namespace, *, finetune: bool = False):
     from .tasks import FINETUNE_LR
-    from .train import TrainConfig
+    from .train import TrainConfig, seed_everything
+
+    seed_everything(args.seed)  # `finetune` builds its model after this: a random init is seeded too
 
     epochs = getattr(args, "epochs", None) or getattr(args, "finetune_epochs", 0)
     warmup = args.warmup_epochs if args.warmup_epochs is not None else (0.0 if finetune else 1.0)
@@ -117,6 +122,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="artifact folder (checkpoints each epoch, history.json)")
     p.add_argument("--force", action="store_true", help="replace a non-empty --out folder")
     p.add_argument("--resume", action="store_true", help="continue the interrupted run in --out")
+    p.add_argument("--resume-anyway", action="store_true",
+                   help="--resume even though training options (e.g. --epochs, --lr) differ from the checkpoint's")
     _train_args(p)
     _rescale_args(p)
 
@@ -127,6 +134,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="folder for the fine-tuned artifact")
     p.add_argument("--force", action="store_true", help="replace a non-empty --out folder")
     p.add_argument("--resume", action="store_true", help="continue the interrupted run in --out")
+    p.add_argument("--resume-anyway", action="store_true",
+                   help="--resume even though training options (e.g. --epochs, --lr) differ from the checkpoint's")
     _train_args(p, default_epochs=3)
     _rescale_args(p)
 
@@ -148,6 +157,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("inspect", help="graph summary: nodes, module types, params and FLOPs per stage")
     _model_args(p)
 
+    p = sub.add_parser("verify", help="check an artifact: recipe schema and plans, checksums, weight shapes",
+                       description="Validate an --out folder without running it: recipe.json against its schema, "
+                                   "every pass plan, the sha256 of model.safetensors (and model.onnx), and the "
+                                   "weights' shapes and dtypes against the rebuilt architecture.")
+    p.add_argument("artifact", help="an artifact folder written by --out")
+    p.add_argument("--json", action="store_true", help="print the result as JSON")
+
     p = sub.add_parser("export", help="export a model or artifact to ONNX and check it")
     _model_args(p)
     p.add_argument("--out", required=True, help="path of the .onnx file to write")
@@ -160,6 +176,12 @@ def _load(args: argparse.Namespace):
 
     return load_model(args.model, weights=args.weights, num_classes=args.num_classes,
                       input_size=args.input_size)
+
+
+def _inputs(args: argparse.Namespace) -> list[str]:
+    """Paths a run reads, which its --out must never replace: the source artifact, weights, data."""
+    paths = [getattr(args, name, None) for name in ("model", "weights", "data", "teacher")]
+    return [p for p in paths if p and p != "digits" and Path(p).exists()]
 
 
 def _emit(args: argparse.Namespace, data: Any, text: str) -> None:
@@ -181,7 +203,7 @@ def cmd_apply(args: argparse.Namespace) -> int:
     if args.finetune_epochs and not args.data:
         raise SurgeryError("--finetune-epochs needs --data (digits or an ImageFolder path)")
     if args.out:
-        check_out_dir(args.out, args.force)
+        check_out_dir(args.out, args.force, protect=_inputs(args))
     t0 = time.perf_counter()
     log.info("loading %s", args.model)
     loaded = _load(args)
@@ -260,26 +282,36 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from .errors import SurgeryError
-    from .export import export_onnx, verify_onnx
+    from .export import export_verified
     from .graph import trace
     from .pipeline import example_batch
+    from .safeio import check_file_target
 
-    out = Path(args.out)
-    if out.exists() and not args.force:
-        raise SurgeryError(f"{out} exists; choose another --out or add --force")
+    out = check_file_target(args.out, force=args.force, what="--out")
     loaded = _load(args)
     model = loaded.model
     if not hasattr(model, "graph"):
         model = trace(model, example_batch(loaded.input_size))
     log.info("exporting %s to %s", loaded.name, out)
-    export_onnx(model, example_batch(loaded.input_size, batch=1), out)
-    result = verify_onnx(model, out, loaded.input_size)
+    result = export_verified(model, out, loaded.input_size)
     par, lat = result["parity"], result["latency_ms"]
     text = (f"wrote {out} ({result['bytes'] / 1e6:.1f} MB, {result['exporter']} exporter)\n"
             f"parity: " + ", ".join(f"batch {b}: max|diff| {d:.2e}" for b, d in par["max_abs_diff"].items())
             + f"\nlatency b=1: torch {lat['torch']:.2f} ms, onnxruntime {lat['onnxruntime']:.2f} ms")
     _emit(args, result, text)
+    return 0
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    from .artifact import verify_artifact
+
+    info = verify_artifact(args.artifact)
+    onnx = {None: ", model.onnx present but not in the recipe (unchecked)"}.get(
+        info.get("onnx_sha256", ""), ", model.onnx sha256 ok" if info.get("onnx_sha256") else "")
+    text = (f"ok: {args.artifact}: {info['source']} + {' -> '.join(info['passes']) or 'no passes'}, input "
+            f"{'x'.join(map(str, info['input_size']))}; recipe schema and plans ok, model.safetensors sha256 ok, "
+            f"{info['tensors']} tensors ({info['params']:,} params) match the architecture{onnx}")
+    _emit(args, info, text)
     return 0
 
 
@@ -294,11 +326,21 @@ def _print_metrics(args: argparse.Namespace, data: dict, title: str) -> None:
     _emit(args, data, text)
 
 
+def _check_training_out(args: argparse.Namespace) -> None:
+    """Refuse an --out that would replace the run's own inputs, before the model is built."""
+    from .artifact import check_out_dir
+
+    if args.out and not (args.resume or args.resume_anyway):
+        check_out_dir(args.out, args.force, protect=_inputs(args))
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     from .tasks import train
 
+    _check_training_out(args)
     result = train(args.model, args.data, _train_config(args), out=args.out, num_classes=args.num_classes,
                    input_size=args.input_size, weights=args.weights, resume=args.resume, force=args.force,
+                   resume_anyway=args.resume_anyway,
                    limit=args.limit, schedule=_schedule(args))
     _print_metrics(args, {"metrics": result.metrics, "seconds": result.seconds, "history": result.history},
                    f"trained in {result.seconds:.0f}s" + (f", saved {result.out}" if result.out else ""))
@@ -308,8 +350,10 @@ def cmd_train(args: argparse.Namespace) -> int:
 def cmd_finetune(args: argparse.Namespace) -> int:
     from .tasks import finetune
 
+    _check_training_out(args)
     cfg = _train_config(args, finetune=True)
     result = finetune(_load(args), args.data, cfg, teacher=args.teacher, out=args.out, resume=args.resume,
+                      resume_anyway=args.resume_anyway,
                       force=args.force, limit=args.limit, schedule=_schedule(args))
     _print_metrics(args, {"metrics": result.metrics, "seconds": result.seconds, "history": result.history},
                    f"fine-tuned in {result.seconds:.0f}s, saved {result.out}")
@@ -338,7 +382,7 @@ def cmd_entropy(args: argparse.Namespace) -> int:
 
 
 COMMANDS = {
-    "apply": cmd_apply, "passes": cmd_passes, "inspect": cmd_inspect, "export": cmd_export,
+    "apply": cmd_apply, "passes": cmd_passes, "inspect": cmd_inspect, "export": cmd_export, "verify": cmd_verify,
     "train": cmd_train, "finetune": cmd_finetune, "evaluate": cmd_evaluate, "entropy": cmd_entropy,
 }
 
@@ -347,11 +391,15 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO,
                         format="[surgery] %(message)s", stream=sys.stderr)
-    from .errors import SurgeryError
+    from .errors import Interrupted, SurgeryError
     from .export import ParityError
 
     try:
+        limits.set_max_memory(getattr(args, "max_memory", None))  # None: the machine's RAM
         return COMMANDS[args.verb](args)
+    except Interrupted as exc:  # Ctrl-C during training: the message says what was saved
+        print(exc, file=sys.stderr)
+        return 130
     except SurgeryError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

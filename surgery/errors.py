@@ -7,3 +7,7 @@ class SurgeryError(Exception):
     The CLI prints it as ``error: <message>`` and exits with code 2. Any other
     exception is a bug in surgery and keeps its traceback.
     """
+
+
+class Interrupted(SurgeryError):
+    """Ctrl-C stopped a run; the message says what was saved. The CLI prints it and exits 130."""

@@ -29,6 +29,7 @@ from torch import nn
 
 from .errors import SurgeryError
 from .graph import output_tensors
+from .safeio import atomic_file, check_parent
 
 if TYPE_CHECKING:
     import onnxruntime
@@ -236,8 +237,7 @@ def export_onnx(
     path = Path(path)
     if path.is_dir():
         raise SurgeryError(f"{path} is a folder; give a file name such as {path / 'model.onnx'}")
-    if not path.parent.is_dir():
-        raise SurgeryError(f"cannot write {path}: folder {path.parent} does not exist; create it first")
+    check_parent(path, "ONNX file")
     if example_input.dim() == 0 or example_input.shape[0] == 0:
         raise SurgeryError(
             f"example input of shape {tuple(example_input.shape)} has no batch; give a (batch, C, H, W) tensor"
@@ -254,24 +254,40 @@ def export_onnx(
     errors: list[str] = []
     start = time.perf_counter()
     try:
-        for exporter, fn in (("dynamo", _export_dynamo), ("torchscript", _export_torchscript)):
-            try:
-                with _quiet() as chatter:
-                    fn(model, x, path, opset, external)
-                    _finish(path, exporter)
-            except Exception as exc:  # noqa: BLE001 - any failure means: try the next exporter
-                log.info("%s exporter failed: %s", exporter, _short(exc, 2000))
-                log.debug("%s exporter output:\n%s", exporter, "".join(chatter))
-                errors.append(f"{exporter} exporter: {_short(exc)}")
-                continue
-            log.info("exported with the %s exporter in %.1fs", exporter, time.perf_counter() - start)
-            return path
+        # Beside the target under a temporary name: a failed export leaves an existing file as it was.
+        with atomic_file(path) as tmp:
+            for exporter, fn in (("dynamo", _export_dynamo), ("torchscript", _export_torchscript)):
+                for leftover in tmp.parent.iterdir():  # a failed attempt's files must not ship
+                    leftover.unlink()
+                try:
+                    with _quiet() as chatter:
+                        fn(model, x, tmp, opset, external)
+                        _finish(tmp, exporter)
+                except Exception as exc:  # noqa: BLE001 - any failure means: try the next exporter
+                    log.info("%s exporter failed: %s", exporter, _short(exc, 2000))
+                    log.debug("%s exporter output:\n%s", exporter, "".join(chatter))
+                    errors.append(f"{exporter} exporter: {_short(exc)}")
+                    continue
+                log.info("exported with the %s exporter in %.1fs", exporter, time.perf_counter() - start)
+                break
+            else:
+                raise SurgeryError(
+                    f"cannot export {type(model).__name__} to ONNX ({'; '.join(errors)}); "
+                    "replace or simplify the part of the model these errors name"
+                )
     finally:
         model.train(was_training).to(device)
-    raise SurgeryError(
-        f"cannot export {type(model).__name__} to ONNX ({'; '.join(errors)}); "
-        "replace or simplify the part of the model these errors name"
-    )
+    return path
+
+
+def export_verified(model: nn.Module, path: str | Path, input_shape: tuple[int, ...], **verify: Any) -> dict[str, Any]:
+    """Export and verify (checker, parity, latency); ``path`` is replaced only if all of it passed."""
+    path = Path(path)
+    with atomic_file(path) as tmp:
+        export_onnx(model, torch.randn(1, *input_shape, generator=torch.Generator().manual_seed(0)), tmp)
+        result = verify_onnx(model, tmp, input_shape, **verify)
+    result["path"] = str(path)
+    return result
 
 
 def onnx_session(path: str | Path) -> onnxruntime.InferenceSession:

@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from .errors import SurgeryError
+from .recipe import SOURCE_KWARGS, check_source_kwargs
 
 log = logging.getLogger(__name__)
 
@@ -106,6 +107,8 @@ def _torchvision_model(name: str, num_classes: int | None) -> tuple[nn.Module, d
 def build_source(source: dict[str, Any]) -> nn.Module:
     """Rebuild a source model (random weights) from the ``source`` entry of a recipe."""
     kind, name, kwargs = source.get("kind"), source.get("name"), dict(source.get("kwargs", {}))
+    if kind in SOURCE_KWARGS:
+        check_source_kwargs(kind, kwargs)
     if kind == "timm":
         import timm
 
@@ -194,13 +197,24 @@ def load_weights(model: nn.Module, path: str | Path) -> None:
     load_state_dict_checked(model, state, what=str(path))
 
 
-def load_state_dict_checked(model: nn.Module, state: dict[str, torch.Tensor], what: str) -> None:
-    """``load_state_dict(strict=True)`` with a one-line error naming the mismatched keys."""
+def load_state_dict_checked(model: nn.Module, state: dict[str, torch.Tensor], what: str, *,
+                            exact_dtype: bool = False) -> None:
+    """``load_state_dict(strict=True)`` with a one-line error naming the mismatched keys.
+
+    Dtypes must match the architecture's: exactly for our artifacts (``exact_dtype``), by kind
+    (floating / integer / bool) for a user's weights, which may be stored in half precision.
+    """
     own = model.state_dict()
     missing = [k for k in own if k not in state]
     unexpected = [k for k in state if k not in own]
     wrong = [f"{k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}"
              for k in own if k in state and state[k].shape != own[k].shape]
+
+    def same_kind(a: torch.dtype, b: torch.dtype) -> bool:
+        return a == b or (not exact_dtype and a.is_floating_point and b.is_floating_point)
+
+    wrong += [f"{k} {state[k].dtype} vs {own[k].dtype}".replace("torch.", "")
+              for k in own if k in state and not same_kind(state[k].dtype, own[k].dtype)]
 
     def few(keys: list[str]) -> str:
         return ", ".join(keys[:3]) + (f" (+{len(keys) - 3} more)" if len(keys) > 3 else "")
@@ -211,7 +225,7 @@ def load_state_dict_checked(model: nn.Module, state: dict[str, torch.Tensor], wh
     if unexpected:
         problems.append(f"unexpected {few(unexpected)}")
     if wrong:
-        problems.append(f"wrong shape {few(wrong)}")
+        problems.append(f"wrong shape or dtype {few(wrong)}")
     if problems:
         raise SurgeryError(
             f"weights {what} do not match the architecture: {'; '.join(problems)}; "
@@ -232,7 +246,13 @@ def load_model(
     ``weights`` (safetensors or state-dict .pth) replace the random initial weights.
     The input size defaults to the model's pretrained_cfg (timm) or 3x224x224.
     """
+    from . import limits
+
+    if num_classes is not None:
+        limits.check_num_classes(num_classes)
     size = parse_input_size(input_size)
+    what = f"{spec if isinstance(spec, str) else 'model'}" + (
+        f" with --num-classes {num_classes}" if num_classes is not None else "")
     if isinstance(spec, nn.Module):
         model = spec
         size = size or default_input_size(model)
@@ -248,9 +268,14 @@ def load_model(
                 f"artifact {spec} was built for input {loaded.input_size}; use the rescale pass to change it"
             )
     elif spec.startswith("torchvision:"):
+        # Sizes are checked on a meta-device build first: nothing allocated if they are too big.
+        limits.check_build(lambda: _torchvision_model(spec.split(":", 1)[1], num_classes)[0],
+                           size or DEFAULT_INPUT_SIZE, what=what, num_classes=num_classes)
         model, source = _torchvision_model(spec.split(":", 1)[1], num_classes)
         loaded = LoadedModel(model, size or DEFAULT_INPUT_SIZE, source)
     else:
+        limits.check_build(lambda: _timm_model(spec, num_classes, size)[0], size, what=what,
+                           default_size=default_input_size, num_classes=num_classes)
         model, source = _timm_model(spec, num_classes, size)
         loaded = LoadedModel(model, size or default_input_size(model), source)
     if weights is not None:

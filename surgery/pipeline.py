@@ -11,13 +11,15 @@ from typing import Any
 import torch
 from torch import fx, nn
 
+from . import limits
 from . import passes as registry
 from .errors import SurgeryError
 from .graph import propagate_shapes, trace
 from .models import LoadedModel, build_source, load_model
+from .recipe import RECIPE_FORMAT
 from .report import compare_models
+from .validate import ValidationError, expect_dict
 
-RECIPE_FORMAT = "surgery.recipe/1"
 TRACE_BATCH = 2
 
 
@@ -87,10 +89,12 @@ def _run_passes(gm: fx.GraphModule, steps: list[tuple[registry.PassInfo, Any, di
                 ) -> tuple[fx.GraphModule, list[dict[str, Any]], torch.Tensor]:
     """Run passes in order; a pass that changes the input size (rescale) changes the example too."""
     records = []
-    for info, cfg, plan in steps:
+    for i, (info, cfg, plan) in enumerate(steps):
         size = tuple(example.shape[1:])
+        # A replay's steps are all the recipe's passes (rebuild): i is the index in recipe["passes"].
+        where = f"$.passes[{i}].plan" if plan is not None else "plan"
         ctx = registry.PassContext(example_inputs=(example,), plan=dict(plan or {}), replay=plan is not None,
-                                   input_size=size, data=data)
+                                   input_size=size, data=data, where=where)
         gm = info.run(gm, cfg, ctx)
         if not isinstance(gm, fx.GraphModule):
             raise TypeError(f"pass {info.name} returned {type(gm).__name__}, not a GraphModule")
@@ -133,6 +137,11 @@ def apply(
         if not isinstance(example_inputs, torch.Tensor) or example_inputs.dim() != 4:
             raise SurgeryError("example_inputs must be one image batch tensor of shape (B, C, H, W)")
         loaded.input_size = tuple(example_inputs.shape[1:])
+    # Before the example batch and the traced and pass copies exist: the passes' growth is known.
+    names = " -> ".join(info.name for info, _ in steps)
+    limits.check_model(loaded.model, loaded.input_size, passes=[cfg for _, cfg in steps], data=data is not None,
+                       what=f"{loaded.name} at {'x'.join(map(str, loaded.input_size))}"
+                            + (f" with {names}" if names else ""))
     example = example_inputs if example_inputs is not None else example_batch(loaded.input_size)
     leaf_modules = list(loaded.source.get("leaf_modules", []))
     gm = _to_graph(loaded, example, leaf_modules)
@@ -158,12 +167,32 @@ def apply(
 def rebuild(recipe: dict[str, Any], base_model: nn.Module | None = None) -> fx.GraphModule:
     """The architecture a recipe describes, with fresh weights: source, trace, replayed passes."""
     source = recipe["source"]
-    model = base_model if base_model is not None else build_source(source)
-    example = example_batch(source.get("input_size", recipe["input_size"]))
-    gm = trace(model, example, leaf_modules=source.get("leaf_modules", ()), verify=False)
     steps = []
-    for step in recipe["passes"]:
-        info = registry.get(step["pass"])
-        steps.append((info, registry.make_config(step["pass"], step.get("config", {})), step.get("plan", {})))
+    for i, step in enumerate(recipe["passes"]):
+        try:
+            info = registry.get(step["pass"])
+        except SurgeryError as exc:
+            raise ValidationError(f"$.passes[{i}].pass", str(exc)) from None
+        try:
+            cfg = registry.make_config(step["pass"], step.get("config", {}))
+        except SurgeryError as exc:
+            raise ValidationError(f"$.passes[{i}].config", str(exc)) from None
+        # Read from disk: a null plan would make the pass decide anew, a list would break dict().
+        steps.append((info, cfg, expect_dict(step.get("plan", {}), f"$.passes[{i}].plan")))
+    size = source.get("input_size", recipe["input_size"])
+    # Sizes read from disk (num_classes, img_size, input size, passes) are checked on meta before building.
+    kwargs = source.get("kwargs") if isinstance(source.get("kwargs"), dict) else {}
+    check = {"what": f"the recipe's {source.get('name') or source.get('class', 'model')}"
+                     + "".join(f" {k}={str(v)[:40]}" for k, v in kwargs.items()),
+             "passes": [cfg for _, cfg, _ in steps], "batch": TRACE_BATCH, "replay": True,
+             "hint": "check its recipe.json, or raise the limit (--max-memory, surgery.limits.set_max_memory)"}
+    if base_model is not None:
+        limits.check_model(base_model, size, **check)
+    else:
+        n = kwargs.get("num_classes")
+        limits.check_build(lambda: build_source(source), size, num_classes=n if type(n) is int else None, **check)
+    model = base_model if base_model is not None else build_source(source)
+    example = example_batch(size)
+    gm = trace(model, example, leaf_modules=source.get("leaf_modules", ()), verify=False)
     gm, _, _ = _run_passes(gm, steps, example)
     return gm

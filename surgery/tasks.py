@@ -17,11 +17,19 @@ from typing import Any
 from torch import nn
 
 from .artifact import check_out_dir, write_artifact
+from .checkpoint import CHECKPOINT_DIR, STATE_FILE
 from .data import IMAGENET_MEAN, IMAGENET_STD, ImageData, load_data
 from .errors import SurgeryError
 from .models import LoadedModel, load_model
 from .schedule import ProgressiveResize, schedule_report
-from .train import CHECKPOINT_DIR, TrainConfig, check_head, evaluate, fit, setup_distributed
+from .train import (
+    TrainConfig,
+    check_head,
+    evaluate,
+    fit,
+    seed_everything,
+    setup_distributed,
+)
 
 log = logging.getLogger(__name__)
 
@@ -70,7 +78,16 @@ def _prepare_out(out: str | Path | None, *, force: bool, resume: bool) -> Path |
         return None
     out = Path(out)
     if resume:
-        if not (out / CHECKPOINT_DIR / "state.json").is_file():
+        d = setup_distributed()
+        if d.main:
+            from .safeio import recover
+
+            recover(out / CHECKPOINT_DIR)  # a save killed between its two renames left the checkpoint aside
+        if d.world > 1:
+            import torch.distributed as dist
+
+            dist.barrier()
+        if not (out / CHECKPOINT_DIR / STATE_FILE).is_file():
             raise SurgeryError(f"{out} holds no checkpoint to resume; run without --resume")
         return out
     check_out_dir(out, force)
@@ -101,6 +118,7 @@ def train(
     input_size: str | tuple | None = None,
     weights: str | Path | None = None,
     resume: bool = False,
+    resume_anyway: bool = False,
     force: bool = False,
     limit: int | None = None,
     schedule: ProgressiveResize | None = None,
@@ -109,9 +127,12 @@ def train(
 
     On `digits` the input defaults to 32x32 and the classifier to the data's 10 classes.
     ``schedule`` (ProgressiveResize) trains the first epochs at low resolution with rescaled kernels.
+    ``resume`` continues the run in ``out``; ``resume_anyway`` (implies it) also with other options.
     """
     cfg = cfg or TrainConfig()
+    resume = resume or resume_anyway
     out = _prepare_out(out, force=force, resume=resume)
+    seed_everything(cfg.seed)  # the random initial weights: equal runs start equal
     if isinstance(model, LoadedModel):
         loaded = model
     elif isinstance(model, str) and not Path(model).is_dir():
@@ -125,9 +146,15 @@ def train(
     dataset = data_for(data, loaded, limit=limit, seed=cfg.seed)
     check_head(loaded.model, dataset, loaded.input_size)
     t0 = time.perf_counter()
-    history = fit(loaded.model, dataset, cfg, out_dir=out, resume=resume, schedule=schedule)
+    history = fit(loaded.model, dataset, cfg, out_dir=out, resume=resume, resume_anyway=resume_anyway,
+                  schedule=schedule, model_info=_model_info(loaded))
     return _finish(loaded, loaded.model, dataset, cfg, history, out, time.perf_counter() - t0, "train",
                    schedule_report(schedule, history))
+
+
+def _model_info(loaded: LoadedModel) -> dict[str, Any]:
+    """What a checkpoint records of the model besides its tensors: a resume must bring the same."""
+    return {"source": loaded.source, "passes": loaded.passes}
 
 
 def _class_count(data: str) -> int:
@@ -149,13 +176,16 @@ def finetune(
     teacher: str | nn.Module | LoadedModel | None = None,
     out: str | Path | None = None,
     resume: bool = False,
+    resume_anyway: bool = False,
     force: bool = False,
     limit: int | None = None,
     schedule: ProgressiveResize | None = None,
 ) -> TrainResult:
     """Fine-tune an artifact (or model) on ``data``, distilling from ``teacher`` when given."""
     cfg = cfg or TrainConfig(epochs=3, lr=FINETUNE_LR, warmup_epochs=0.0)
+    resume = resume or resume_anyway
     out = _prepare_out(out, force=force, resume=resume)
+    seed_everything(cfg.seed)  # a model built here from a name starts from seeded random weights
     loaded = model if isinstance(model, LoadedModel) else load_model(model)
     dataset = data_for(data, loaded, limit=limit, seed=cfg.seed)
     check_head(loaded.model, dataset, loaded.input_size)
@@ -167,7 +197,8 @@ def finetune(
         check_head(teacher_model, dataset, loaded.input_size)
     before = evaluate(loaded.model, dataset)
     t0 = time.perf_counter()
-    history = fit(loaded.model, dataset, cfg, teacher=teacher_model, out_dir=out, resume=resume, schedule=schedule)
+    history = fit(loaded.model, dataset, cfg, teacher=teacher_model, out_dir=out, resume=resume,
+                  resume_anyway=resume_anyway, schedule=schedule, model_info=_model_info(loaded))
     return _finish(loaded, loaded.model, dataset, cfg, history, out, time.perf_counter() - t0, "finetune",
                    {"before": before, "teacher": teacher if isinstance(teacher, str) else None,
                     **schedule_report(schedule, history)})

@@ -1,38 +1,54 @@
 """One training loop for `train` (from scratch) and `finetune` (after surgery, optionally distilled).
 
 CUDA when available (autocast, channels_last, optional torch.compile), CPU otherwise;
-several processes through torchrun (DDP: NCCL on GPU, Gloo on CPU). Each epoch's data
-order and augmentation depend only on (seed, epoch), so a resumed run ends with the
-same weights as an uninterrupted one.
+several processes through torchrun (DDP: NCCL on GPU, Gloo on CPU). The data order is a
+function of (seed, epoch) and every random draw of a step (augmentation, dropout) of
+(seed, epoch, batch), so a run resumed from any checkpoint, even one taken mid-epoch,
+ends with the same weights as an uninterrupted one.
 """
 
 from __future__ import annotations
 
-import json
+import contextlib
+import hashlib
 import logging
 import math
 import os
+import random
+import signal
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
+import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from .checkpoint import (
+    CHECKPOINT_DIR,
+    STATE_FILE,
+    RunState,
+    check_same_run,
+    data_identity,
+    load_checkpoint,
+    model_identity,
+    read_checkpoint,
+    save_checkpoint,
+)
 from .data import ImageData, make_loader
-from .errors import SurgeryError
+from .errors import Interrupted, SurgeryError
+from .validate import ValidationError
 
 if TYPE_CHECKING:
     from .schedule import ProgressiveResize
 
 log = logging.getLogger(__name__)
-
-CHECKPOINT_DIR = "checkpoint"
 
 
 @dataclass
@@ -67,14 +83,21 @@ class TrainConfig:
         return 5e-4 if self.optimizer == "sgd" else 0.05
 
 
-@dataclass
-class RunState:
-    """What a checkpoint holds besides tensors: JSON, so resuming never unpickles."""
+def run_config(cfg: TrainConfig, *, amp: bool, channels_last: bool, processes: int = 1,
+               schedule: ProgressiveResize | None = None) -> dict[str, Any]:
+    """The options that shape the math, resolved for this run (defaults filled in; not ``progress``)."""
+    out = asdict(cfg)
+    del out["progress"]
+    out.update(lr=cfg.resolved_lr(), weight_decay=cfg.resolved_weight_decay(), amp=amp,
+               channels_last=channels_last, processes=processes, schedule=_schedule_text(schedule))
+    return out
 
-    epoch: int = 0  # epochs fully done
-    step: int = 0  # optimizer steps done in total
-    batches_in_epoch: int = 0  # batches of the current epoch done (an interrupted epoch)
-    history: list[dict[str, Any]] = field(default_factory=list)
+
+def _schedule_text(schedule: Any) -> str:
+    if schedule is None:
+        return "none"
+    args = ", ".join(f"{f.name}={getattr(schedule, f.name)}" for f in fields(schedule) if f.init)
+    return f"{type(schedule).__name__}({args})"
 
 
 # --- processes and devices ---------------------------------------------------------------
@@ -195,49 +218,84 @@ def check_head(model: nn.Module, data: ImageData, input_size: tuple[int, ...]) -
         )
 
 
-# --- checkpoints ---------------------------------------------------------------------------
-
-
-def save_checkpoint(directory: Path, model: nn.Module, optimizer: torch.optim.Optimizer, state: RunState,
-                    cfg: TrainConfig) -> None:
-    """Weights (safetensors), optimizer tensors (torch.save, read back with weights_only) and JSON state."""
-    from safetensors.torch import save_model
-
-    directory.mkdir(parents=True, exist_ok=True)
-    # Write then rename, so an interruption mid-write never corrupts the last good checkpoint.
-    save_model(model, str(directory / "model.safetensors.tmp"))
-    torch.save(optimizer.state_dict(), directory / "optimizer.pt.tmp")
-    (directory / "state.json.tmp").write_text(json.dumps({"state": asdict(state), "config": asdict(cfg)}, indent=1))
-    for name in ("model.safetensors", "optimizer.pt", "state.json"):
-        os.replace(directory / f"{name}.tmp", directory / name)
-
-
-def load_checkpoint(directory: Path, model: nn.Module, optimizer: torch.optim.Optimizer) -> RunState:
-    from safetensors.torch import load_model
-
-    if not (directory / "state.json").is_file():
-        raise SurgeryError(f"no checkpoint in {directory}; run without --resume to start fresh")
-    try:
-        saved = json.loads((directory / "state.json").read_text())
-        load_model(model, str(directory / "model.safetensors"), strict=True)
-        optimizer.load_state_dict(torch.load(directory / "optimizer.pt", map_location="cpu", weights_only=True))
-    except (OSError, ValueError, RuntimeError, KeyError) as exc:
-        raise SurgeryError(f"checkpoint in {directory} is damaged ({type(exc).__name__}); start without --resume") \
-            from None
-    return RunState(**saved["state"])
-
-
 # --- the loop ---------------------------------------------------------------------------------
 
 
-def _seed_everything(seed: int) -> None:
-    import random
-
-    import numpy as np
-
+def seed_everything(seed: int) -> None:
+    """Python, NumPy and torch (CPU and CUDA) from one integer."""
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
+
+
+def _point_seed(seed: int, epoch: int, batch: int, rank: int, what: str) -> int:
+    """A seed for one point of a run: the random state there depends on the position, not on the path to it."""
+    key = f"{seed}/{epoch}/{batch}/{rank}/{what}".encode()
+    return int.from_bytes(hashlib.blake2b(key, digest_size=8).digest(), "little") >> 1
+
+
+class _ForcedStop(KeyboardInterrupt):
+    """A second Ctrl-C: stop at once, without saving (the state may be mid-step)."""
+
+
+class _StopRequested(Exception):
+    """Ctrl-C was pressed: raised at the next batch boundary, where the state is whole."""
+
+
+class _CtrlC:
+    """The first Ctrl-C asks the loop to stop at the next batch boundary; a second stops at once.
+
+    A KeyboardInterrupt raised anywhere (mid optimizer step, mid BatchNorm update) could leave
+    a state that no checkpoint should hold. While a checkpoint is written, Ctrl-C only asks.
+    """
+
+    def __init__(self) -> None:
+        self.requested = self.saving = self._installed = False
+        self._previous: Any = None
+
+    def __enter__(self) -> _CtrlC:
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGINT, self._handle)
+            self._installed = True
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._installed:
+            signal.signal(signal.SIGINT, self._previous if self._previous is not None else signal.default_int_handler)
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.requested and not self.saving:
+            raise _ForcedStop
+        self.requested = True
+        log.info("Ctrl-C: stopping after this batch and saving a checkpoint (Ctrl-C again: stop at once)")
+
+    @contextlib.contextmanager
+    def deferred(self) -> Iterator[None]:
+        self.saving = True
+        try:
+            yield
+        finally:
+            self.saving = False
+
+
+def _all_agree(flag: bool, d: Dist, device: torch.device) -> bool:
+    """True on every rank when any rank says so: DDP ranks must stop at the same batch."""
+    if d.world == 1:
+        return flag
+    t = torch.tensor([float(flag)], device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item())
+
+
+def _interrupted(state: RunState, ckpt_dir: Path | None, *, saved: bool) -> str:
+    head = f"interrupted at epoch {state.epoch + 1}, step {state.step}"
+    if ckpt_dir is None:
+        return f"{head}; nothing was saved (no --out)"
+    if saved:
+        return f"{head}; checkpoint saved in {ckpt_dir}, continue with --resume"
+    if (ckpt_dir / STATE_FILE).is_file():
+        return f"{head}, at once (not saved); the last checkpoint in {ckpt_dir} is intact, continue with --resume"
+    return f"{head}, at once; no checkpoint was saved yet"
 
 
 def fit(
@@ -248,13 +306,18 @@ def fit(
     teacher: nn.Module | None = None,
     out_dir: str | Path | None = None,
     resume: bool = False,
+    resume_anyway: bool = False,
     on_epoch: Callable[[dict[str, Any]], None] | None = None,
     schedule: ProgressiveResize | None = None,
+    model_info: dict[str, Any] | None = None,
 ) -> list[dict[str, Any]]:
     """Train ``model`` in place on ``data``; returns the per-epoch history.
 
     With ``out_dir`` a checkpoint is written after every epoch (and on Ctrl-C) to
-    ``out_dir/checkpoint``, rank 0 only; ``resume`` continues from it exactly.
+    ``out_dir/checkpoint``, rank 0 only; ``resume`` continues from it exactly. A checkpoint
+    of another model or data is refused, one of other options too unless ``resume_anyway``;
+    ``model_info`` ({"source", "passes"}) joins the model's identity. Ctrl-C stops at the
+    next batch, saves, and raises :class:`Interrupted`.
     A ``schedule`` (surgery.schedule.ProgressiveResize) trains a shrunk copy at low
     resolution first and switches to ``model`` at full size at an epoch boundary.
     """
@@ -265,16 +328,28 @@ def fit(
     channels_last = cfg.channels_last if cfg.channels_last is not None else use_cuda
     if cfg.deterministic:
         torch.use_deterministic_algorithms(True, warn_only=True)
-    _seed_everything(cfg.seed)
+    seed_everything(cfg.seed)
     if cfg.batch_size % d.world:
         raise SurgeryError(f"--batch-size {cfg.batch_size} must divide by the {d.world} processes")
     per_rank_batch = cfg.batch_size // d.world
 
     ckpt_dir = Path(out_dir) / CHECKPOINT_DIR if out_dir is not None else None
+    identity = {"config": run_config(cfg, amp=amp, channels_last=channels_last, processes=d.world, schedule=schedule),
+                "model": model_identity(model, model_info), "data": data_identity(data)}
+    saved = None
+    if (resume or resume_anyway) and ckpt_dir is not None:
+        if d.main:
+            from .safeio import recover
+
+            recover(ckpt_dir)  # what a save killed mid-way left
+        if d.world > 1:
+            dist.barrier()
+        saved = read_checkpoint(ckpt_dir)
+        check_same_run(ckpt_dir, saved, identity, resume_anyway=resume_anyway)
     # What trains now (net on net_data): ``model`` itself, or a schedule's shrunk copy until the switch.
     net, net_data = model, data
     if schedule is not None:
-        net, net_data = schedule.begin(model, data, start_epoch=_checkpoint_epoch(ckpt_dir) if resume else 0)
+        net, net_data = schedule.begin(model, data, start_epoch=saved["state"]["epoch"] if saved else 0)
 
     def place(m: nn.Module) -> nn.Module:
         m.to(device)
@@ -296,12 +371,16 @@ def fit(
         for p in teacher.parameters():
             p.requires_grad_(False)
     optimizer = make_optimizer(net, cfg)
-    state = load_checkpoint(ckpt_dir, net, optimizer) if resume and ckpt_dir else RunState()
-    if resume and d.main:
+    state = load_checkpoint(ckpt_dir, saved, net, optimizer) if saved is not None and ckpt_dir else RunState()
+    if saved is not None and d.main:
         log.info("resuming after epoch %d, step %d", state.epoch, state.step)
     train_model = wrap(net)
 
     steps_per_epoch = len(make_loader(data.train, per_rank_batch, train=True, rank=d.rank, world=d.world))
+    if state.batches_in_epoch > steps_per_epoch:
+        raise ValidationError(f"{ckpt_dir / STATE_FILE if ckpt_dir else STATE_FILE}: $.state.batches_in_epoch",
+                              f"{state.batches_in_epoch} is more than the {steps_per_epoch} batches of an epoch; "
+                              "start without --resume")
     total_steps = cfg.epochs * steps_per_epoch
     if cfg.max_steps is not None:
         total_steps = min(total_steps, cfg.max_steps)
@@ -309,95 +388,114 @@ def fit(
     base_lr = cfg.resolved_lr()
     scaler = torch.amp.GradScaler("cuda", enabled=amp and use_cuda and _amp_dtype() == torch.float16)
     autocast = (lambda: torch.autocast("cuda", dtype=_amp_dtype())) if amp and use_cuda else nullcontext
+    ctrl_c = _CtrlC()
+    mid_step = False  # weights, BatchNorm statistics or counters are changing: no checkpoint now
 
     def checkpoint() -> None:
         if ckpt_dir is not None and d.main:
-            save_checkpoint(ckpt_dir, net, optimizer, state, cfg)
+            with ctrl_c.deferred():
+                save_checkpoint(ckpt_dir, net, optimizer, state, identity)
 
-    try:
-        for epoch in range(state.epoch, cfg.epochs):
-            if state.step >= total_steps:
-                break
-            torch.manual_seed(cfg.seed * 1000 + epoch)  # augmentation randomness of this epoch
-            loader = make_loader(net_data.train, per_rank_batch, train=True, seed=cfg.seed, epoch=epoch,
-                                 rank=d.rank, world=d.world)
-            train_model.train()
-            sums = {"loss": 0.0, "correct": 0.0, "n": 0.0, "distill": 0.0}
-            t0, seen, lr = time.perf_counter(), 0, None
-            bar = _progress(loader, epoch, cfg, d)
-            for i, (x, y) in enumerate(bar):
-                if i < state.batches_in_epoch:
-                    continue  # an interrupted epoch: these batches were already trained on
+    with ctrl_c:
+        try:
+            for epoch in range(state.epoch, cfg.epochs):
                 if state.step >= total_steps:
                     break
-                x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-                if channels_last:
-                    x = x.contiguous(memory_format=torch.channels_last)
-                lr = lr_at(state.step, total_steps, warmup, base_lr, cfg.min_lr_ratio)
-                for g in optimizer.param_groups:
-                    g["lr"] = lr
-                with autocast():
-                    logits = train_model(x)
-                    loss = F.cross_entropy(logits.float(), y, label_smoothing=cfg.label_smoothing)
-                    if teacher is not None:
-                        with torch.no_grad():
-                            t_logits = teacher(schedule.teacher_input(x) if schedule else x).float()
-                        kd = distill_loss(logits.float(), t_logits, cfg.distill_temperature)
-                        loss = (1 - cfg.distill_weight) * loss + cfg.distill_weight * kd
-                        sums["distill"] += kd.item() * len(y)
-                optimizer.zero_grad(set_to_none=True)
-                scaler.scale(loss).backward()
-                scaler.step(optimizer)
-                scaler.update()
-                state.step += 1
-                state.batches_in_epoch = i + 1
-                sums["loss"] += loss.item() * len(y)
-                sums["correct"] += (logits.argmax(1) == y).sum().item()
-                sums["n"] += len(y)
-                seen += len(y) * d.world
-                if hasattr(bar, "set_postfix"):
-                    bar.set_postfix(loss=f"{sums['loss'] / sums['n']:.3f}", acc=f"{sums['correct'] / sums['n']:.3f}",
-                                    img_s=f"{seen / (time.perf_counter() - t0):.0f}", lr=f"{lr:.2e}")
-            seconds = time.perf_counter() - t0
-            n = max(1.0, sums["n"])
-            record = {"epoch": epoch + 1, "step": state.step, "lr": lr,
-                      "train_loss": sums["loss"] / n, "train_acc": sums["correct"] / n,
-                      "images_per_s": seen / max(seconds, 1e-9), "seconds": seconds}
-            if teacher is not None:
-                record["distill_loss"] = sums["distill"] / n
-            record.update(evaluate(net, net_data, batch_size=max(per_rank_batch, 64), device=device, d=d))
-            if schedule is not None:
-                record.update(schedule.record(epoch))
-            state.history.append(record)
-            state.epoch, state.batches_in_epoch = epoch + 1, 0
-            if schedule is not None and schedule.switch_due(state.epoch):
-                # Before the checkpoint: one saved after the switch epoch holds the full-size model.
-                net, net_data, optimizer = schedule.switch(net, model, data, optimizer,
-                                                           lambda m: make_optimizer(m, cfg))
-                train_model = wrap(place(net))
-            if d.main:
-                log.info("epoch %d/%d  loss %.4f  acc %.3f  | val top1 %.4f top5 %.4f loss %.4f | %.0f img/s  %.1fs",
-                         epoch + 1, cfg.epochs, record["train_loss"], record["train_acc"], record["val_top1"],
-                         record["val_top5"], record["val_loss"], record["images_per_s"], seconds)
+                loader = make_loader(net_data.train, per_rank_batch, train=True, seed=cfg.seed, epoch=epoch,
+                                     rank=d.rank, world=d.world)
+                train_model.train()
+                if not state.batches_in_epoch:
+                    state.partial = {"loss": 0.0, "correct": 0.0, "n": 0.0, "distill": 0.0, "lr": None}
+                sums = state.partial
+                t0, seen = time.perf_counter(), 0
+                bar = _progress(loader, epoch, cfg, d)
+                # Every draw is seeded from its position (epoch, batch): a run resumed at any batch
+                # boundary, skipping what it already did, draws exactly what the uninterrupted run drew.
+                seed_everything(_point_seed(cfg.seed, epoch, 0, d.rank, "fetch"))
+                for i, (x, y) in enumerate(bar):
+                    if i >= state.batches_in_epoch:  # else trained on before an interruption: skipped
+                        if state.step >= total_steps:
+                            break
+                        if _all_agree(ctrl_c.requested, d, device):
+                            raise _StopRequested
+                        seed_everything(_point_seed(cfg.seed, epoch, i, d.rank, "step"))  # dropout, drop-path
+                        mid_step = True
+                        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+                        if channels_last:
+                            x = x.contiguous(memory_format=torch.channels_last)
+                        lr = lr_at(state.step, total_steps, warmup, base_lr, cfg.min_lr_ratio)
+                        for g in optimizer.param_groups:
+                            g["lr"] = lr
+                        with autocast():
+                            logits = train_model(x)
+                            loss = F.cross_entropy(logits.float(), y, label_smoothing=cfg.label_smoothing)
+                            if teacher is not None:
+                                with torch.no_grad():
+                                    t_logits = teacher(schedule.teacher_input(x) if schedule else x).float()
+                                kd = distill_loss(logits.float(), t_logits, cfg.distill_temperature)
+                                loss = (1 - cfg.distill_weight) * loss + cfg.distill_weight * kd
+                                sums["distill"] += kd.item() * len(y)
+                        optimizer.zero_grad(set_to_none=True)
+                        scaler.scale(loss).backward()
+                        scaler.step(optimizer)
+                        scaler.update()
+                        state.step += 1
+                        state.batches_in_epoch = i + 1
+                        sums["loss"] += loss.item() * len(y)
+                        sums["correct"] += (logits.argmax(1) == y).sum().item()
+                        sums["n"] += len(y)
+                        sums["lr"] = lr
+                        mid_step = False
+                        seen += len(y) * d.world
+                        if hasattr(bar, "set_postfix"):
+                            bar.set_postfix(loss=f"{sums['loss'] / sums['n']:.3f}",
+                                            acc=f"{sums['correct'] / sums['n']:.3f}",
+                                            img_s=f"{seen / (time.perf_counter() - t0):.0f}", lr=f"{lr:.2e}")
+                    # The next batch's augmentation is drawn while fetching it.
+                    seed_everything(_point_seed(cfg.seed, epoch, i + 1, d.rank, "fetch"))
+                mid_step = True
+                seconds = time.perf_counter() - t0
+                n = max(1.0, sums["n"])
+                record = {"epoch": epoch + 1, "step": state.step, "lr": sums["lr"],
+                          "train_loss": sums["loss"] / n, "train_acc": sums["correct"] / n,
+                          "images_per_s": seen / max(seconds, 1e-9), "seconds": seconds}
+                if teacher is not None:
+                    record["distill_loss"] = sums["distill"] / n
+                record.update(evaluate(net, net_data, batch_size=max(per_rank_batch, 64), device=device, d=d))
+                if schedule is not None:
+                    record.update(schedule.record(epoch))
+                state.history.append(record)
+                state.epoch, state.batches_in_epoch, state.partial = epoch + 1, 0, {}
+                if schedule is not None and schedule.switch_due(state.epoch):
+                    # Before the checkpoint: one saved after the switch epoch holds the full-size model.
+                    net, net_data, optimizer = schedule.switch(net, model, data, optimizer,
+                                                               lambda m: make_optimizer(m, cfg))
+                    train_model = wrap(place(net))
+                mid_step = False
+                if d.main:
+                    log.info("epoch %d/%d  loss %.4f  acc %.3f  | val top1 %.4f top5 %.4f loss %.4f | %.0f img/s  "
+                             "%.1fs", epoch + 1, cfg.epochs, record["train_loss"], record["train_acc"],
+                             record["val_top1"], record["val_top5"], record["val_loss"], record["images_per_s"],
+                             seconds)
+                checkpoint()
+                if on_epoch is not None:
+                    on_epoch(record)
+                finished = state.epoch >= cfg.epochs or state.step >= total_steps
+                if _all_agree(ctrl_c.requested, d, device) and not finished:  # a finished run just ends
+                    raise Interrupted(_interrupted(state, ckpt_dir, saved=True))
+        except _StopRequested:
             checkpoint()
-            if on_epoch is not None:
-                on_epoch(record)
-    except KeyboardInterrupt:
-        checkpoint()
-        raise SurgeryError(f"interrupted at epoch {state.epoch + 1}, step {state.step}; "
-                           f"{'continue with --resume' if ckpt_dir else 'nothing was saved (no --out)'}") from None
+            raise Interrupted(_interrupted(state, ckpt_dir, saved=True)) from None
+        except _ForcedStop:
+            raise Interrupted(_interrupted(state, ckpt_dir, saved=False)) from None
+        except KeyboardInterrupt:  # from a callback, or where no handler could be installed
+            if not mid_step:
+                checkpoint()
+            raise Interrupted(_interrupted(state, ckpt_dir, saved=not mid_step)) from None
     if schedule is not None:
         schedule.finish(net, model)
     model.eval()
     return state.history
-
-
-def _checkpoint_epoch(ckpt_dir: Path | None) -> int:
-    """Epochs done by the checkpoint in ``ckpt_dir`` (0 without one): a schedule needs it before loading."""
-    try:
-        return int(json.loads((ckpt_dir / "state.json").read_text())["state"]["epoch"]) if ckpt_dir else 0
-    except (OSError, ValueError, KeyError, TypeError):
-        return 0
 
 
 def _progress(loader, epoch: int, cfg: TrainConfig, d: Dist):

@@ -1,3 +1,6 @@
+import hashlib
+import os
+
 import pytest
 import torch
 from torch import nn
@@ -50,3 +53,25 @@ def convbn():
 @pytest.fixture
 def images():
     return torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+
+
+def snapshot(root) -> dict[str, str]:
+    """Every entry under ``root`` (links not followed): file hashes, link targets, folders.
+
+    Equal snapshots before and after a run mean the user's files are byte-identical and nothing was added.
+    """
+    state = {}
+    for dirpath, dirs, files in os.walk(root, followlinks=False):
+        for name in dirs + files:
+            p = os.path.join(dirpath, name)
+            rel = os.path.relpath(p, root)
+            if os.path.islink(p):
+                state[rel] = "link:" + os.readlink(p)
+            elif os.path.isdir(p):
+                state[rel] = "dir"
+            elif os.path.isfile(p):
+                with open(p, "rb") as f:
+                    state[rel] = hashlib.sha256(f.read()).hexdigest()
+            else:
+                state[rel] = "special"
+    return state

@@ -54,9 +54,14 @@ def test_refuses_non_empty_out_dir_unless_forced(saved, tmp_path):
     (out / "notes.txt").write_text("mine")
     with pytest.raises(SurgeryError, match="not empty.*--force"):
         result.save(out)
-    assert (out / "notes.txt").read_text() == "mine"
-    result.save(out, force=True)
-    assert (out / "recipe.json").is_file() and not (out / "notes.txt").exists()
+    with pytest.raises(SurgeryError, match="is not a surgery artifact; choose another --out"):
+        result.save(out, force=True)  # --force never replaces a folder of the user's
+    assert [p.name for p in out.iterdir()] == ["notes.txt"] and (out / "notes.txt").read_text() == "mine"
+    art = tmp_path / "art"
+    result.save(art)
+    first = (art / "recipe.json").read_bytes()
+    result.save(art, force=True)  # an artifact of ours is replaced
+    assert (art / "recipe.json").read_bytes() == first
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temp folders left
 
 
@@ -70,8 +75,8 @@ def _copy_artifact(src, dst):
 @pytest.mark.parametrize("damage,message", [
     (lambda d: (d / "model.safetensors").unlink(), "lacks model.safetensors"),
     (lambda d: (d / "recipe.json").write_text("{not json"), "not valid JSON"),
-    (lambda d: (d / "recipe.json").write_text(json.dumps({"format": "other"})), "is damaged"),
-    (lambda d: (d / "model.safetensors").write_bytes(b"\0" * 64), "does not match the checksum"),
+    (lambda d: (d / "recipe.json").write_text(json.dumps({"format": "other"})), r"\$\.\w+: .*modified or damaged"),
+    (lambda d: (d / "model.safetensors").write_bytes(b"\0" * 64), "does not match the sha256"),
 ])
 def test_damaged_artifacts_are_clear_errors(saved, tmp_path, damage, message):
     d = _copy_artifact(saved[1], tmp_path / "copy")

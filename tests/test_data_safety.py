@@ -4,7 +4,6 @@ Every check loads the same on-disk folder through the Python API and the CLI (re
 and asserts the user's files are untouched afterwards.
 """
 
-import hashlib
 import io
 import json
 import logging
@@ -31,6 +30,8 @@ from surgery.data import (
 )
 from surgery.entropy import dataset_entropy
 from surgery.errors import SurgeryError
+
+from conftest import snapshot
 
 pytestmark = pytest.mark.skipif(not hasattr(os, "symlink") or sys.platform == "win32", reason="needs POSIX symlinks")
 
@@ -60,25 +61,6 @@ def truncated_jpeg() -> bytes:
     arr = np.random.default_rng(99).integers(0, 256, (64, 64, 3), dtype=np.uint8)
     Image.fromarray(arr).save(buf, format="JPEG", quality=95)
     return buf.getvalue()[: len(buf.getvalue()) // 2]  # header intact, scan data cut
-
-
-def tree_state(root) -> dict:
-    """Every entry under root (links not followed): file hashes, link targets, folders."""
-    state = {}
-    for dirpath, dirs, files in os.walk(root, followlinks=False):
-        for name in dirs + files:
-            p = os.path.join(dirpath, name)
-            rel = os.path.relpath(p, root)
-            if os.path.islink(p):
-                state[rel] = "link:" + os.readlink(p)
-            elif os.path.isdir(p):
-                state[rel] = "dir"
-            elif os.path.isfile(p):
-                with open(p, "rb") as f:
-                    state[rel] = hashlib.sha256(f.read()).hexdigest()
-            else:
-                state[rel] = "special"
-    return state
 
 
 @pytest.fixture(scope="module")
@@ -132,7 +114,7 @@ def test_bomb_fixture_is_in_pil_warning_band():
 
 def test_load_data_skips_counts_and_stays_inside(world, caplog):
     data, outside = world
-    before = tree_state(data.parent)
+    before = snapshot(data.parent)
     with caplog.at_level(logging.WARNING, logger="surgery"):
         d = load_data(str(data), image_size=16, val_fraction=0.3)
         seen = 0
@@ -154,12 +136,12 @@ def test_load_data_skips_counts_and_stays_inside(world, caplog):
     assert "did not follow 7 symlink(s)" in line and f"3 {LINK_OUTSIDE}" in line
     assert "truncated.jpg" in caplog.text  # the load-time skip names the file
     assert "Traceback" not in caplog.text
-    assert tree_state(data.parent) == before
+    assert snapshot(data.parent) == before
 
 
 def test_raw_images_and_entropy_skip_the_same_files(world):
     data, _ = world
-    before = tree_state(data.parent)
+    before = snapshot(data.parent)
     report = SkipReport()
     imgs = list(raw_images(str(data), report=report))
     assert len(imgs) == GOOD and all(im.shape == (12, 12, 3) for im in imgs)
@@ -167,7 +149,7 @@ def test_raw_images_and_entropy_skip_the_same_files(world):
     assert report.to_dict() == want and report.files == 17
     stats = dataset_entropy(str(data))
     assert stats.images == GOOD and stats.skipped == want and stats.to_dict()["skipped"] == want
-    assert tree_state(data.parent) == before
+    assert snapshot(data.parent) == before
 
 
 def test_class_folder_link_keeps_its_own_boundary(tmp_path):
@@ -221,7 +203,7 @@ def test_cli_in_subprocesses(world, tmp_path):
         (only_bad / c / "bomb.png").write_bytes(bomb_png(10_000, 10_000))
         for i in range(4):
             (only_bad / c / f"{i}.jpg").write_bytes(truncated_jpeg())
-    before = {p: tree_state(p) for p in (data.parent, only_bad)}
+    before = {p: snapshot(p) for p in (data.parent, only_bad)}
     model = ["resnet18", "--input-size", "16", "--num-classes", "2", "--json"]
     procs = {  # run together: each pays the torch import
         "entropy": _cli("entropy", str(data), "--json"),
@@ -249,7 +231,7 @@ def test_cli_in_subprocesses(world, tmp_path):
     assert f"skipped 4 unreadable image file(s) of 12 (2 {TOO_LARGE}, 2 {UNREADABLE})" in stderr
 
     for path, state in before.items():
-        assert tree_state(path) == state  # byte-identical, nothing created
+        assert snapshot(path) == state  # byte-identical, nothing created
 
 
 def test_load_time_guard_without_the_scan(world):

@@ -72,7 +72,7 @@ def test_missing_corrupt_and_mismatched_weights(tmp_path):
     with pytest.raises(SurgeryError, match="cannot read weights"):
         surgery.load_model("resnet18", weights=tmp_path / "bad.safetensors")
     torch.save(surgery.load_model("resnet18", num_classes=3).model.state_dict(), tmp_path / "three.pth")
-    with pytest.raises(SurgeryError, match=r"wrong shape fc.weight \(3, 512\) vs \(1000, 512\).*--num-classes"):
+    with pytest.raises(SurgeryError, match=r"wrong shape or dtype fc.weight \(3, 512\) vs \(1000, 512\).*classes"):
         surgery.load_model("resnet18", weights=tmp_path / "three.pth")
     torch.save({"a": torch.zeros(1)}, tmp_path / "other.pth")
     with pytest.raises(SurgeryError, match="missing conv1.weight"):

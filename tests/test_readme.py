@@ -19,4 +19,4 @@ def test_readme_python_example_runs(tmp_path, monkeypatch, capsys):
     exec(compile(code, "README.md", "exec"), {"__name__": "__readme__"})
     out = capsys.readouterr().out
     assert "torch.Size([1, 1000])" in out
-    assert (tmp_path / "runs" / "resnet18-fused" / "model.onnx").is_file()
+    assert (tmp_path / "resnet18-fused" / "model.onnx").is_file()

@@ -33,6 +33,7 @@ class PassContext:
     notes: list[str] = field(default_factory=list)  # one-line facts for the report
     input_size: tuple[int, ...] = ()  # (C, H, W) the graph takes; a pass that changes it sets it here
     data: str | None = None  # the run's --data (digits or a folder): calibration for passes that want it
+    where: str = "plan"  # JSON path of ``plan`` in the recipe (``$.passes[2].plan``), for replay's errors
 
     def note(self, message: str) -> None:
         self.notes.append(message)
@@ -129,6 +130,8 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
         raise SurgeryError(f"{where} must be one of {', '.join(map(str, choices))}, got {value!r}")
     if origin in (list, tuple):
         (item,) = typing.get_args(tp)[:1]
+        if not isinstance(value, (str, list, tuple)):
+            raise SurgeryError(f"{where} must be {_type_name(tp)}, got {value!r}")
         items = value.split("+") if isinstance(value, str) else list(value)
         out = [_coerce(v, item, where) for v in items if v != ""]
         return out if origin is list else tuple(out)

@@ -39,6 +39,18 @@ from torch import fx, nn
 from ..errors import SurgeryError
 from ..graph import finalize, get_module, node_shape, set_module
 from ..nn.bilinear import BilinearConv2d, BilinearProjection, _conv_padding, factor_pair, padded_size
+from ..validate import (
+    MAX_CHANNELS,
+    MAX_RANK,
+    ValidationError,
+    at,
+    expect_dict,
+    expect_int,
+    expect_list,
+    expect_name,
+    expect_number,
+    expect_str,
+)
 from . import PassContext, register
 
 TARGETS = ("linear", "conv1x1", "conv")
@@ -338,6 +350,19 @@ def _fmt_layer(e: dict[str, Any]) -> str:
             f"{e['params_before']:,} -> {e['params_after']:,}, rel. error {err}")
 
 
+def _unfit(name: str, kind: str, layers: _Layers) -> str | None:
+    """Why the graph keeps layer ``name`` from being swapped whatever the options, or None."""
+    nodes = layers.calls[name]
+    if name in layers.direct:
+        return "weights read directly by the graph"
+    if nodes[0] not in layers.functional and any(len(n.args) != 1 or n.kwargs for n in nodes):
+        return "called with extra arguments"
+    if kind == "conv1x1" and any(len(node_shape(n.args[0]) or ()) != 4 for n in nodes
+                                 if isinstance(n.args[0], fx.Node)):
+        return "not a 4-D input"
+    return None
+
+
 def _select(gm: fx.GraphModule, cfg: BilinearConfig, layers: _Layers) -> tuple[list[tuple[str, str, bool]], Counter]:
     """(name, kind, is_classifier) of each layer to rewrite, in graph order, and why others stay."""
     classifiers = _classifiers(gm, layers)
@@ -355,13 +380,8 @@ def _select(gm: fx.GraphModule, cfg: BilinearConfig, layers: _Layers) -> tuple[l
             left["classifier"] += 1
         elif _in_features(m) < cfg.min_features:
             left[f"< {cfg.min_features} input features"] += 1
-        elif name in layers.direct:
-            left["weights read directly by the graph"] += 1
-        elif not functional and any(len(n.args) != 1 or n.kwargs for n in nodes):
-            left["called with extra arguments"] += 1
-        elif kind == "conv1x1" and any(len(node_shape(n.args[0]) or ()) != 4 for n in nodes
-                                        if isinstance(n.args[0], fx.Node)):
-            left["not a 4-D input"] += 1
+        elif (why := _unfit(name, kind, layers)) is not None:
+            left[why] += 1
         else:
             chosen.append((name, kind, name in classifiers))
     return chosen, left
@@ -443,12 +463,117 @@ def _plan(gm: fx.GraphModule, cfg: BilinearConfig) -> tuple[list[dict[str, Any]]
     return entries, widened, spread, left
 
 
+# --- the plan, read back -----------------------------------------------------------------------
+
+_ENTRY_KEYS = {"name", "kind", "in_features", "out_features", "in_shape", "out_shape", "rank", "scale", "bias",
+               "classifier", "call", "rel_error", "params_before", "params_after", "degenerate"}
+_CONV_KEYS = {"in_channels", "out_channels", "kernel_size", "stride", "dilation", "padding"}
+_WIDENED_KEYS = {"name", "in_features", "out_features", "bias"}
+
+
+def _expect_same(value: Any, where: str, actual: Any, what: str) -> None:
+    """A recorded fact about a layer must be the layer's: else the rebuilt module would not fit its weights."""
+    if value != actual or type(value) is not type(actual):
+        raise ValidationError(where, f"{value!r} does not fit this model: {what} is {actual!r}")
+
+
+def _check_plan(plan: dict, gm: fx.GraphModule, cfg: BilinearConfig, where: str
+                ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """The entries of a replayed plan, checked against the model as `_plan` would have decided them:
+    layers the pass can swap, with their sizes, grids, conv geometry and bias, scaled layers whose
+    consumers all take the wider input. So the rebuilt modules fit the graph and the saved weights."""
+    expect_dict(plan, where, allowed={"layers", "widened"}, required=("layers",))
+    layers = _layers(gm)
+    names = {name: gm.get_submodule(name) for name in layers.calls}  # the layers the graph computes
+    seen: set[str] = set()
+
+    def layer(e: Any, w: str, keys: set[str], required: tuple[str, ...]) -> nn.Module:
+        expect_dict(e, w, allowed=keys, required=required)
+        name = expect_name(e["name"], at(w, "name"), names, "layer")
+        if name in seen:
+            raise ValidationError(at(w, "name"), f"layer {name!r} appears twice in the plan")
+        seen.add(name)
+        m = names[name]
+        _expect_same(e["out_features"], at(w, "out_features"), _out_features(m), "its output count")
+        _expect_same(e["bias"], at(w, "bias"), _bias(m) is not None, "whether it has a bias")
+        return m
+
+    entries = expect_list(plan["layers"], at(where, "layers"))
+    widened = expect_list(plan.get("widened", []), at(where, "widened"))
+    modules = []
+    fed: dict[str, tuple[int, list[int], str]] = {}  # consumer -> (width, grid, where) of a scaled layer
+    for i, e in enumerate(entries):
+        w = at(at(where, "layers"), i)
+        conv = isinstance(e, dict) and e.get("kind") != "linear"
+        m = layer(e, w, _ENTRY_KEYS | (_CONV_KEYS if conv else set()),
+                  ("name", "kind", "in_features", "out_features", "in_shape", "out_shape", "rank", "scale", "bias"))
+        name, function = e["name"], layers.calls[e["name"]][0] in layers.functional
+        kind = expect_str(e["kind"], at(w, "kind"), choices=TARGETS)
+        if kind != ("linear" if function else _kind(m)):
+            raise ValidationError(at(w, "kind"), f"{kind!r} does not fit this model: {name} is a "
+                                                 f"{type(m).__name__} the pass rewrites as {_kind(m) or 'nothing'}")
+        if (why := _unfit(name, kind, layers)) is not None:
+            raise ValidationError(at(w, "name"), f"{name} cannot be rewritten in this model ({why})")
+        if "call" in e or function:  # F.linear(x, M.weight, M.bias) must become M(x), or nothing else may
+            _expect_same(e.get("call"), at(w, "call"), "function" if function else None, "how the graph computes it")
+        expect_int(e["rank"], at(w, "rank"), lo=1, hi=MAX_RANK)
+        _expect_same(e["rank"], at(w, "rank"), cfg.rank, "the pass's rank option")
+        _expect_same(e["out_shape"], at(w, "out_shape"), list(_grids(_in_features(m), _out_features(m), cfg.pad)[1]),
+                     "the grid of its outputs")
+        scale = expect_int(e["scale"], at(w, "scale"), lo=1, hi=cfg.scale)
+        if scale > 1:
+            if scale != cfg.scale:
+                raise ValidationError(at(w, "scale"), f"{scale} is neither 1 nor the pass's scale option {cfg.scale}")
+            consumers, why = ([], "it is not a linear layer called once") if kind != "linear" or len(
+                layers.calls[name]) != 1 else _consumers(gm, layers.calls[name][0], layers)
+            if why is not None:
+                raise ValidationError(at(w, "scale"), f"{name} cannot be widened in this model: {why}")
+            width, grid, _ = _scaled_output(_out_features(m), cfg.pad, scale)
+            if width > MAX_CHANNELS:
+                raise ValidationError(at(w, "scale"), f"{scale} makes {width} outputs (at most {MAX_CHANNELS})")
+            fed.update({c: (width, list(grid), w) for c in consumers})
+        if "classifier" in e and not isinstance(e["classifier"], bool):
+            raise ValidationError(at(w, "classifier"), "must be true or false")
+        for key in ("params_before", "params_after"):
+            if key in e:
+                expect_int(e[key], at(w, key), lo=0)
+        if e.get("rel_error") is not None:
+            expect_number(e["rel_error"], at(w, "rel_error"), lo=0.0)
+        for j, v in enumerate(expect_list(e.get("degenerate", []), at(w, "degenerate"), max_len=2)):
+            expect_str(v, at(at(w, "degenerate"), j), choices=("in", "out"))
+        if conv:
+            for key in sorted(_CONV_KEYS):
+                if key not in e:
+                    raise ValidationError(at(w, key), "is missing")
+                actual = getattr(m, key)
+                _expect_same(e[key], at(w, key), actual if isinstance(actual, (int, str)) else list(actual),
+                             f"its {key}")
+        modules.append(m)
+    # Inputs: the layer's own count, or the wider output of the scaled layer it consumes (an MLP's fc2).
+    for i, (e, m) in enumerate(zip(entries, modules)):
+        w = at(at(where, "layers"), i)
+        width, grid = fed.get(e["name"], (_in_features(m), list(_grids(_in_features(m), _out_features(m),
+                                                                         cfg.pad)[0])))[:2]
+        _expect_same(e["in_features"], at(w, "in_features"), width, "its input count")
+        _expect_same(e["in_shape"], at(w, "in_shape"), grid, f"the grid of its {width} inputs")
+    for i, e in enumerate(widened):
+        w = at(at(where, "widened"), i)
+        m = layer(e, w, _WIDENED_KEYS, tuple(sorted(_WIDENED_KEYS)))
+        if e["name"] not in fed:
+            raise ValidationError(at(w, "name"), f"{e['name']} takes the output of no scaled layer in this plan")
+        _expect_same(e["in_features"], at(w, "in_features"), fed[e["name"]][0], "the width of its scaled input")
+    for consumer, (_, _, w) in fed.items():
+        if consumer not in seen:  # left narrow, it could not take the scaled layer's output
+            raise ValidationError(at(w, "scale"), f"the plan lacks {consumer}, which takes this layer's wider output")
+    return entries, widened
+
+
 @register("bilinear", BilinearConfig)
 def bilinear(gm: fx.GraphModule, cfg: BilinearConfig, ctx: PassContext) -> fx.GraphModule:
     """Swap the selected layers for BilinearProjection / BilinearConv2d modules."""
     cfg.validate()
     if ctx.replay:
-        entries, widened = list(ctx.plan.get("layers", [])), list(ctx.plan.get("widened", []))
+        entries, widened = _check_plan(ctx.plan, gm, cfg, ctx.where)
         spread: dict[str, torch.Tensor] = {}
         left: Counter = Counter()
     else:

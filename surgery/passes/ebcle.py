@@ -28,6 +28,18 @@ from ..data import load_calibration
 from ..entropy import MAX_NATS
 from ..errors import SurgeryError
 from ..graph import compare_outputs, propagate_shapes
+from ..validate import (
+    MAX_CHANNELS,
+    MAX_ITEMS,
+    ValidationError,
+    at,
+    expect_dict,
+    expect_int,
+    expect_list,
+    expect_name,
+    expect_number,
+    expect_str,
+)
 from . import PassContext, register
 
 # --- depth rules: entropy (nats) and blocks per stage -> blocks to keep in total ----------
@@ -243,14 +255,18 @@ def _widen(gm: fx.GraphModule, blocks: list[Block], cfg: EbcleConfig, ctx: PassC
 
     propagate_shapes(gm, example)
     cg = build(gm)
-    by_anchor = {g.anchor: g for g in cg.groups()}
-    if ctx.replay:
+    if ctx.replay:  # sizes were checked with the plan; the groups exist only now, after the collapse
+        growable = {g.anchor: g for g in _inner_groups(cg, blocks)}
+        where = at(ctx.where, "widen")
         sizes = {}
         for anchor, (old, new) in ctx.plan.get("widen", {}).items():
-            g = by_anchor.get(anchor)
-            if g is None or g.size != old:
-                raise SurgeryError(f"ebcle plan does not fit this model: no channel group {anchor} of {old}; "
-                                   "rebuild the artifact with this surgery version")
+            g = growable.get(anchor)
+            if g is None:
+                raise ValidationError(at(where, anchor), "the plan does not fit this model: no channel group "
+                                      f"{anchor!r} inside the blocks left can grow")
+            if g.size != old:
+                raise ValidationError(at(at(where, anchor), 0), f"the plan does not fit this model: the group "
+                                                                 f"has {g.size} channels, not {old}")
             sizes[g.id] = new
         return grow(gm, cg, sizes, cfg.seed) if sizes else gm
     groups = _inner_groups(cg, blocks)
@@ -272,6 +288,66 @@ def _widen(gm: fx.GraphModule, blocks: list[Block], cfg: EbcleConfig, ctx: PassC
     ctx.note(f"widen x{cfg.widen:g}: {len(sizes)} inner channel group(s) of {len(blocks)} block(s) grown, "
              f"params {before:,} -> {after:,}; output unchanged (max diff {diff:.1e})")
     return wide
+
+
+# --- the plan, read back ---------------------------------------------------------------------
+
+PLAN_KEYS = {"entropy", "select", "keep", "blocks", "stages", "scores", "removed", "bound", "widen"}
+MAX_WIDEN = 16  # EbcleConfig.widen's bound: _new_size gives at most 16 * size + 8
+
+
+def _expect_counts(value: object, where: str) -> None:
+    for i, v in enumerate(expect_list(value, where)):
+        expect_int(v, at(where, i), lo=0, hi=MAX_ITEMS)
+
+
+def _check_plan(plan: dict, structure: Structure, where: str) -> list[Block]:
+    """The blocks a replayed plan removes (collapsible, once each, one block left per stage); the
+    record-only fields are checked for type; widen's sizes here, its groups after the collapse."""
+    expect_dict(plan, where, allowed=PLAN_KEYS, required=("removed",))
+    if plan.get("entropy") is not None:
+        expect_number(plan["entropy"], at(where, "entropy"), lo=0.0, hi=MAX_NATS + 1e-6)
+    if "select" in plan:
+        expect_str(plan["select"], at(where, "select"), choices=("identity", "position"))
+    for key in ("keep", "blocks"):
+        if key in plan:
+            _expect_counts(plan[key], at(where, key))
+    if "bound" in plan:
+        expect_int(plan["bound"], at(where, "bound"), lo=1, hi=MAX_ITEMS)
+    if "stages" in plan:
+        for i, stage in enumerate(expect_list(plan["stages"], at(where, "stages"))):
+            w = at(at(where, "stages"), i)
+            expect_dict(stage, w, allowed={"name", "blocks", "removed"})
+            if "name" in stage:
+                expect_str(stage["name"], at(w, "name"))
+            for key in ("blocks", "removed"):
+                for j, name in enumerate(expect_list(stage.get(key, []), at(w, key))):
+                    expect_str(name, at(at(w, key), j))
+    if "scores" in plan:
+        for name, score in expect_dict(plan["scores"], at(where, "scores")).items():
+            for key, v in expect_dict(score, at(at(where, "scores"), name)).items():
+                if isinstance(v, bool) or not isinstance(v, (int, float)):  # inf and nan are fair scores
+                    raise ValidationError(at(at(at(where, "scores"), name), key), "must be a number")
+    if "widen" in plan:
+        widen = at(where, "widen")
+        for anchor, sizes in expect_dict(plan["widen"], widen).items():
+            w = at(widen, anchor)
+            expect_list(sizes, w, min_len=2, max_len=2)
+            old = expect_int(sizes[0], at(w, 0), lo=1, hi=MAX_CHANNELS)
+            expect_int(sizes[1], at(w, 1), lo=old + 1, hi=min(MAX_WIDEN * old + 8, MAX_CHANNELS))
+    collapsible = {b.name: b for b in structure.blocks if b.collapsible}
+    removed = at(where, "removed")
+    names = expect_list(plan["removed"], removed, max_len=len(collapsible))
+    blocks: list[Block] = []
+    for i, name in enumerate(names):
+        expect_name(name, at(removed, i), collapsible, "collapsible block")
+        if collapsible[name] in blocks:
+            raise ValidationError(at(removed, i), f"block {name!r} appears twice")
+        blocks.append(collapsible[name])
+    for stage in structure.stages:
+        if stage.head is None and stage.collapsible and all(b in blocks for b in stage.collapsible):
+            raise ValidationError(removed, f"removes every block of stage {stage.name}; a stage keeps at least one")
+    return blocks
 
 
 # --- the pass ------------------------------------------------------------------------------
@@ -300,13 +376,7 @@ def ebcle(gm: fx.GraphModule, cfg: EbcleConfig, ctx: PassContext) -> fx.GraphMod
     example = ctx.example_inputs[0]
     scores: dict[str, dict[str, float]] = {}
     if ctx.replay:
-        names = ctx.plan.get("removed", [])
-        known = {b.name: b for b in structure.blocks}
-        missing = [n for n in names if n not in known or not known[n].collapsible]
-        if missing:
-            raise SurgeryError(f"ebcle plan does not fit this model: no collapsible block {missing[0]}; "
-                               "rebuild the artifact with this surgery version")
-        removed = [known[n] for n in names]
+        removed = _check_plan(ctx.plan, structure, ctx.where)
     else:
         spec = cfg.data or ctx.data
         entropy = cfg.entropy

@@ -16,6 +16,7 @@ import torch
 from torch import fx, nn
 
 from ..graph import finalize, get_module, set_module
+from ..validate import ValidationError, at, expect_dict, expect_list, expect_name
 from . import PassContext, register
 
 
@@ -116,11 +117,35 @@ def _candidates(gm: fx.GraphModule, skip: list[str]) -> list[tuple[str, str]]:
     return pairs
 
 
+def _check_plan(plan: dict, gm: fx.GraphModule, cfg: FuseConfig, where: str) -> list[tuple[str, str]]:
+    """The pairs of a replayed plan, each one this model can fold, each layer once."""
+    expect_dict(plan, where, allowed={"folded"}, required=("folded",))
+    folded = at(where, "folded")
+    called = {str(n.target) for n in gm.graph.nodes if n.op == "call_module"}
+    foldable = set(_candidates(gm, cfg.skip))
+    pairs: list[tuple[str, str]] = []
+    used: set[str] = set()
+    for i, item in enumerate(expect_list(plan["folded"], folded)):
+        w = at(folded, i)
+        expect_list(item, w, min_len=2, max_len=2)
+        producer, norm = (expect_name(v, at(w, j), called, "layer") for j, v in enumerate(item))
+        if (producer, norm) not in foldable:
+            # Folding anything else (a shared output, a skipped norm) would change the function.
+            raise ValidationError(w, f"{norm} cannot be folded into {producer} in this model "
+                                     "(not a conv/linear feeding only this BatchNorm)")
+        for j, name in enumerate((producer, norm)):
+            if name in used:
+                raise ValidationError(at(w, j), f"{name} is folded twice")
+            used.add(name)
+        pairs.append((producer, norm))
+    return pairs
+
+
 @register("fuse", FuseConfig)
 def fuse(gm: fx.GraphModule, cfg: FuseConfig, ctx: PassContext) -> fx.GraphModule:
     """Fold every foldable BatchNorm into its producer."""
     if ctx.replay:
-        pairs = [tuple(p) for p in ctx.plan.get("folded", [])]
+        pairs = _check_plan(ctx.plan, gm, cfg, ctx.where)
     else:
         pairs = _candidates(gm, cfg.skip)
     nodes = {n.target: n for n in gm.graph.nodes if n.op == "call_module"}

@@ -13,6 +13,7 @@ from torch import fx, nn
 
 from ..errors import SurgeryError
 from ..graph import finalize, get_module, set_module
+from ..validate import ValidationError, at, expect_dict, expect_name
 from . import PassContext, register
 
 # Ops a classifier's output may pass through on its way to the graph's output.
@@ -50,9 +51,19 @@ def find_classifier(gm: fx.GraphModule) -> str:
                        "this model's head cannot be replaced by the head pass")
 
 
+def _check_plan(plan: dict, gm: fx.GraphModule, where: str) -> str:
+    """The replayed classifier name: it must be this model's classifier, or the new head lands elsewhere."""
+    expect_dict(plan, where, allowed={"module"}, required=("module",))
+    name = expect_name(plan["module"], at(where, "module"), dict(gm.named_modules()), "module")
+    classifier = find_classifier(gm)
+    if name != classifier:
+        raise ValidationError(at(where, "module"), f"{name!r} is not this model's classifier ({classifier!r})")
+    return name
+
+
 @register("head", HeadConfig)
 def head(gm: fx.GraphModule, cfg: HeadConfig, ctx: PassContext) -> fx.GraphModule:
-    name = ctx.plan["module"] if ctx.replay else find_classifier(gm)
+    name = _check_plan(ctx.plan, gm, ctx.where) if ctx.replay else find_classifier(gm)
     old = gm.get_submodule(name)
     if isinstance(old, nn.Linear):
         new = nn.Linear(old.in_features, cfg.num_classes, bias=old.bias is not None)

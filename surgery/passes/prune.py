@@ -21,10 +21,11 @@ import numpy as np
 import torch
 from torch import fx
 
-from ..channels import ChannelGraph, Group, Member, build, format_ranges, parse_ranges
+from ..channels import ChannelGraph, Group, Member, build, format_ranges
 from ..data import Calibration, load_calibration
 from ..errors import SurgeryError
 from ..graph import finalize, get_module, node_shape
+from ..validate import MAX_CHANNELS, ValidationError, at, expect_dict, expect_int, expect_number, expect_ranges
 from . import PassContext, register
 
 DEFAULT_RATIO = 0.3
@@ -405,6 +406,30 @@ def _reason_summary(groups: list[Group]) -> str:
     return "; ".join(f"{n} x {k} (e.g. {example[k]})" for k, n in kinds.most_common())
 
 
+def _check_plan(plan: dict, by_anchor: dict[str, Group], where: str) -> dict[int, np.ndarray]:
+    """The kept-channel masks of a replayed plan, by group id: groups of this model, indices in range."""
+    expect_dict(plan, where, allowed={"ratio", "groups"}, required=("groups",))
+    if "ratio" in plan:
+        expect_number(plan["ratio"], at(where, "ratio"), lo=0.0, hi=1.0)
+    groups = at(where, "groups")
+    keep = {}
+    for anchor, entry in expect_dict(plan["groups"], groups).items():
+        w = at(groups, anchor)
+        g = by_anchor.get(anchor)
+        if g is None or not g.prunable:
+            raise ValidationError(w, f"the plan does not fit this model: it has no prunable channel group "
+                                     f"{anchor!r}; rebuild the artifact with this surgery version")
+        expect_dict(entry, w, allowed={"size", "keep"}, required=("size", "keep"))
+        size = expect_int(entry["size"], at(w, "size"), lo=1, hi=MAX_CHANNELS)
+        if size != g.size:
+            raise ValidationError(at(w, "size"), f"the plan does not fit this model: the group has {g.size} "
+                                                 f"channels, not {size}")
+        mask = np.zeros(g.size, dtype=bool)
+        mask[expect_ranges(entry["keep"], at(w, "keep"), g.size)] = True
+        keep[g.id] = mask
+    return keep
+
+
 @register("prune", PruneConfig)
 def prune(gm: fx.GraphModule, cfg: PruneConfig, ctx: PassContext) -> fx.GraphModule:
     """Prune channels group by group; record the kept indices in the plan."""
@@ -416,15 +441,7 @@ def prune(gm: fx.GraphModule, cfg: PruneConfig, ctx: PassContext) -> fx.GraphMod
     by_anchor = {g.anchor: g for g in groups}
     base_flops = estimate_flops(gm, cg, {})
     if ctx.replay:
-        keep = {}
-        for anchor, entry in ctx.plan.get("groups", {}).items():
-            g = by_anchor.get(anchor)
-            if g is None or g.size != entry["size"] or not g.prunable:
-                raise SurgeryError(f"prune plan does not fit this model: no prunable group {anchor} of "
-                                   f"{entry['size']} channels; rebuild the artifact with this surgery version")
-            mask = np.zeros(g.size, dtype=bool)
-            mask[parse_ranges(entry["keep"])] = True
-            keep[g.id] = mask
+        keep = _check_plan(ctx.plan, by_anchor, ctx.where)
     else:
         calib = None
         needs = [w for w, on in (("importance=taylor", cfg.importance == "taylor"),

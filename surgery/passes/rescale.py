@@ -51,6 +51,16 @@ from torch import fx, nn
 
 from ..errors import SurgeryError
 from ..graph import finalize, node_shape, propagate_shapes, set_module
+from ..validate import (
+    MAX_CHANNELS,
+    ValidationError,
+    at,
+    expect_dict,
+    expect_int,
+    expect_list,
+    expect_name,
+    expect_number,
+)
 from . import PassContext, register
 
 META_KEY = "rescale"
@@ -363,6 +373,88 @@ def _stride_hint(gm: fx.GraphModule, size: tuple[int, ...], new_size: tuple[int,
             f"try factor={near / h:.6g} (input {near})")
 
 
+# --- the plan, read back -------------------------------------------------------------------------
+
+_PLAN_KEYS = {"input_size", "scale", "source_input_size", "layers", "pos_embed"}
+_LAYER_KEYS = {"type", "kernel", "padding", "stride", "new_kernel", "new_padding", "new_stride"}
+
+
+def _expect_pair(value: Any, where: str, lo: int, hi: tuple[int, int]) -> list[int]:
+    expect_list(value, where, min_len=2, max_len=2)
+    return [expect_int(v, at(where, i), lo=lo, hi=h) for i, (v, h) in enumerate(zip(value, hi))]
+
+
+def _expect_size(value: Any, where: str) -> list[int]:
+    expect_list(value, where, min_len=3, max_len=3)
+    return [expect_int(v, at(where, i), lo=1, hi=MAX_CHANNELS) for i, v in enumerate(value)]
+
+
+def _geometry(m: nn.Module) -> dict[str, Any]:
+    return {"kernel": list(_pair(m.kernel_size)),
+            "padding": m.padding if isinstance(m.padding, str) else list(_pair(m.padding)),
+            "stride": list(_pair(m.stride if m.stride is not None else m.kernel_size))}
+
+
+def _check_plan(plan: dict, gm: fx.GraphModule, size: tuple[int, ...], source_size: list[int],
+                new_size: tuple[int, ...], sources: dict[str, dict], where: str) -> None:
+    """A replayed plan: the input size the factor gives, and for each resized conv or pool its present
+    geometry and a new one no larger than its new input needs (a huge kernel or padding would exhaust
+    memory before the layer could fail)."""
+    expect_dict(plan, where, allowed=_PLAN_KEYS, required=("input_size", "layers"))
+    planned = _expect_size(plan["input_size"], at(where, "input_size"))
+    if planned != list(new_size):
+        raise ValidationError(at(where, "input_size"), f"{planned} does not fit this model: factor and source "
+                                                       f"size give {list(new_size)}")
+    if "source_input_size" in plan:
+        _expect_size(plan["source_input_size"], at(where, "source_input_size"))
+    if "scale" in plan:
+        expect_number(plan["scale"], at(where, "scale"), lo=0.0, hi=float(MAX_CHANNELS))
+    grow = max(n / o for n, o in zip(new_size[1:], size[1:]))  # how much any feature map grows now
+    total = max(n / o for n, o in zip(new_size[1:], source_size[1:]))  # and since the source
+    resizable = {str(n.target): n for n in gm.graph.nodes if n.op == "call_module"
+                 and (isinstance(m := gm.get_submodule(n.target), nn.Conv2d) or _is_pool(m))}
+    layers = at(where, "layers")
+    for name, e in expect_dict(plan["layers"], layers).items():
+        w = at(layers, name)
+        if name not in resizable:
+            raise ValidationError(w, f"no conv or pooling layer {name!r} in this model")
+        node, m = resizable[name], gm.get_submodule(name)
+        expect_dict(e, w, allowed=_LAYER_KEYS, required=("new_kernel", "new_padding", "new_stride"))
+        now = {"type": type(m).__name__, **_geometry(m)}
+        for key, actual in now.items():
+            if key in e and e[key] != actual:
+                raise ValidationError(at(w, key), f"{e[key]!r} does not fit this model: {name} has {actual!r}")
+        src = sources.get(name) or now
+        in_hw = (node_shape(node.args[0]) or (0, 0))[-2:] if isinstance(node.args[0], fx.Node) else (0, 0)
+        dilation = _pair(getattr(m, "dilation", 1))
+        # The rules give at most k0 times a map's growth since the source (+2 for rounding small maps,
+        # +1 to odd), or a whole new input map.
+        hi_k = tuple(max(k, k0 * math.ceil(total + 2) + 1, math.ceil(h * grow) + 2)
+                     for k, k0, h in zip(now["kernel"], src["kernel"], in_hw))
+        kernel = _expect_pair(e["new_kernel"], at(w, "new_kernel"), 1, hi_k)
+        if isinstance(src["padding"], str) or isinstance(e["new_padding"], str):
+            if e["new_padding"] != src["padding"]:
+                raise ValidationError(at(w, "new_padding"), f"{e['new_padding']!r} does not fit this model: "
+                                                            f"{name} was padded {src['padding']!r}")
+        else:  # "same" padding follows the kernel; other padding at most in proportion to it
+            hi_p = tuple(max(p, p0, -(-max(p0, k0) * k // k0) * d) for p, p0, k0, k, d in zip(
+                now["padding"], src["padding"], src["kernel"], kernel, dilation))
+            _expect_pair(e["new_padding"], at(w, "new_padding"), 0, hi_p)
+        hi_s = tuple(max(s, s0, k) for s, s0, k in zip(now["stride"], src["stride"], kernel))
+        _expect_pair(e["new_stride"], at(w, "new_stride"), 1, hi_s)
+    if "pos_embed" in plan:  # a record only: replay resamples from the shapes
+        embeds = {str(n.target) for n in gm.graph.nodes if n.op == "get_attr"}
+        for name, e in expect_dict(plan["pos_embed"], at(where, "pos_embed")).items():
+            w = at(at(where, "pos_embed"), name)
+            expect_name(name, w, embeds, "position embedding")
+            expect_dict(e, w, allowed={"grid", "new_grid", "prefix_tokens"})
+            for key in ("grid", "new_grid"):
+                if key in e:
+                    _expect_pair(e[key], at(w, key), 1, (MAX_CHANNELS, MAX_CHANNELS))
+            if "prefix_tokens" in e:
+                expect_int(e["prefix_tokens"], at(w, "prefix_tokens"), lo=0, hi=MAX_CHANNELS)
+
+
 @register("rescale", RescaleConfig)
 def rescale(gm: fx.GraphModule, cfg: RescaleConfig, ctx: PassContext) -> fx.GraphModule:
     """Rescale every conv kernel by its feature map's scale, and the input by ``factor``."""
@@ -374,12 +466,12 @@ def rescale(gm: fx.GraphModule, cfg: RescaleConfig, ctx: PassContext) -> fx.Grap
     record = gm.meta.get(META_KEY) or {}
     source_size = list(record.get("input_size") or size)
     scale = float(record.get("scale", 1.0)) * cfg.factor
-    if ctx.replay and "input_size" in ctx.plan:
-        new_size = tuple(ctx.plan["input_size"])
-    elif abs(scale - 1) < _SAME_SCALE:
+    if abs(scale - 1) < _SAME_SCALE:
         new_size = tuple(source_size)
     else:
         new_size = (source_size[0], _round(source_size[1] * scale), _round(source_size[2] * scale))
+    if ctx.replay:
+        _check_plan(ctx.plan, gm, size, source_size, new_size, record.get("layers", {}), ctx.where)
     if min(new_size[1:]) < 1:
         raise SurgeryError(f"rescale: factor {cfg.factor} leaves no pixel of the {size[1]}x{size[2]} input")
     ctx.input_size = new_size
