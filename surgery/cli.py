@@ -149,6 +149,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("data", help="digits (built in) or an ImageFolder path")
     p.add_argument("--bits", action="store_true", help="base 2 instead of nats")
     p.add_argument("--plot", help="write a PNG histogram of the per-image values here")
+    p.add_argument("--force", action="store_true", help="replace an existing --plot file")
     p.add_argument("--json", action="store_true", help="print as JSON")
 
     p = sub.add_parser("passes", help="list the passes with their options")
@@ -371,6 +372,10 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 def cmd_entropy(args: argparse.Namespace) -> int:
     from .entropy import dataset_entropy, plot_histogram
 
+    if args.plot:
+        from .safeio import check_file_target
+
+        check_file_target(args.plot, force=args.force, what="--plot")
     stats = dataset_entropy(args.data, bits=args.bits, progress=not args.quiet)
     text = (f"{args.data}: entropy {stats.mean:.4f} {stats.unit} (std {stats.std:.4f}, "
             f"min {stats.min:.4f}, max {stats.max:.4f}) over {stats.images} images")

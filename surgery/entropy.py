@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 
 from .errors import SurgeryError
+from .safeio import atomic_file
 
 MAX_NATS = math.log(256)
 
@@ -90,6 +91,7 @@ def plot_histogram(stats: EntropyStats, path: str | Path) -> Path:
     ax.legend()
     fig.tight_layout()
     path = Path(path)
-    fig.savefig(path)
+    with atomic_file(path) as tmp:  # never through a link, never a half-written file
+        fig.savefig(tmp, format=path.suffix.lstrip(".") or "png")
     plt.close(fig)
     return path

@@ -89,6 +89,20 @@ def test_export_refuses_an_existing_file_without_force(tmp_path):
     assert target.read_bytes() == b"an older export"
 
 
+def test_entropy_plot_is_a_single_file_write_too(tmp_path):
+    precious = tmp_path / "photo.png"
+    precious.write_bytes(b"my photo")
+    link = tmp_path / "hist.png"
+    link.symlink_to(precious)
+    before = snapshot(tmp_path)
+    assert "is a symlink" in run("entropy", "digits", "--plot", link, code=2).stderr
+    assert "exists; choose another path or add --force" in run("entropy", "digits", "--plot", precious, code=2).stderr
+    assert snapshot(tmp_path) == before
+    run("entropy", "digits", "--plot", tmp_path / "new.png", code=0)
+    assert (tmp_path / "new.png").read_bytes()[:4] == b"\x89PNG" and snapshot(tmp_path)["photo.png"] == \
+        before["photo.png"]
+
+
 class Noisy(nn.Module):
     """Random in its forward: the ONNX file exports, but parity with torch fails."""
 
