@@ -190,12 +190,15 @@ def recover(out: str | Path) -> list[str]:
     actions = []
     for kind, p in sorted(found, key=lambda kp: kp[0] != OLD):  # restore before cleaning up
         saved = p / out.name
-        if kind == OLD and saved.is_dir() and not out.exists() and not out.is_symlink():
-            os.rename(saved, out)
-            actions.append(f"restored {out} from an interrupted save ({p.name})")
-        else:
-            actions.append(f"removed {p.name}, left by an interrupted save of {out}")
-        shutil.rmtree(p)
+        try:  # another process (a DDP rank) may recover the same leftovers at the same time
+            if kind == OLD and saved.is_dir() and not out.exists() and not out.is_symlink():
+                os.rename(saved, out)
+                actions.append(f"restored {out} from an interrupted save ({p.name})")
+            else:
+                actions.append(f"removed {p.name}, left by an interrupted save of {out}")
+        except FileNotFoundError:
+            continue
+        shutil.rmtree(p, ignore_errors=True)
     for line in actions:
         log.warning(line)
     return actions
