@@ -237,7 +237,7 @@ def _target_name(node: fx.Node) -> str:
 
 
 def _ranges(indices: Iterable[int]) -> str:
-    """Compact text of sorted indices: "0-3,5,7-9"."""
+    """Compact text of sorted indices: "0-3,5,7-9" (read back by validate.expect_ranges)."""
     out, run = [], []
     for i in indices:
         if run and i == run[-1] + 1:
@@ -249,15 +249,6 @@ def _ranges(indices: Iterable[int]) -> str:
     if run:
         out.append(f"{run[0]}-{run[-1]}" if len(run) > 1 else str(run[0]))
     return ",".join(out)
-
-
-def parse_ranges(text: str) -> list[int]:
-    """Inverse of the compact text that plans store kept indices in."""
-    out: list[int] = []
-    for part in filter(None, text.split(",")):
-        a, _, b = part.partition("-")
-        out.extend(range(int(a), int(b or a) + 1))
-    return out
 
 
 format_ranges = _ranges
@@ -1481,4 +1472,4 @@ def build(gm: fx.GraphModule) -> ChannelGraph:
 
 
 __all__ = ["ChannelGraph", "Group", "Member", "Fixed", "Leaf", "Prod", "Cat", "build",
-           "format_ranges", "parse_ranges"]
+           "format_ranges"]
