@@ -1,6 +1,7 @@
 """`surgery` command line: a thin layer over the Python API (parse, call, print).
 
-Exit codes: 0 success, 2 bad usage or input (SurgeryError), 1 failure (e.g. ONNX parity),
+Exit codes: 0 success, 2 bad usage or input (SurgeryError), 1 failure (e.g. ONNX parity, or
+under `apply --strict` a pass that changed nothing or missed its target),
 130 interrupted (Ctrl-C; a training run saves a checkpoint first).
 """
 
@@ -110,6 +111,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--onnx", action="store_true", help="also write model.onnx and check it against onnxruntime")
     p.add_argument("--force", action="store_true", help="replace a non-empty --out folder")
     p.add_argument("--no-latency", action="store_true", help="skip the latency measurement")
+    p.add_argument("--strict", action="store_true",
+                   help="exit 1 when a pass changed nothing or missed its target (the report is still written)")
     p.add_argument("--finetune-epochs", type=int, default=0,
                    help="fine-tune the rewritten model for N epochs on --data, distilling from the original")
     p.add_argument("--data", help="digits or an ImageFolder path: data for --finetune-epochs, and calibration "
@@ -196,7 +199,7 @@ def cmd_apply(args: argparse.Namespace) -> int:
     from .artifact import check_out_dir
     from .errors import SurgeryError
     from .pipeline import apply, resolve_passes
-    from .report import format_table
+    from .report import effect_line, format_table
 
     resolve_passes(args.passes)  # bad specs fail before anything slow
     if args.onnx and not args.out:
@@ -230,6 +233,12 @@ def cmd_apply(args: argparse.Namespace) -> int:
         text += f"\nsaved: {args.out}/ (recipe.json, model.safetensors, report.json"
         text += ", model.onnx)" if args.onnx else ")"
     _emit(args, result.report, text)
+    if args.strict:
+        failed = [f"{r['pass']}: {effect_line(r['effect'])}" for r in result.report["passes"]
+                  if "effect" in r and (not r["effect"]["changed"] or not r["effect"].get("target", {}).get("met", 1))]
+        if failed:
+            print("strict: " + "; ".join(failed), file=sys.stderr)
+            return 1
     return 0
 
 

@@ -17,7 +17,7 @@ from .errors import SurgeryError
 from .graph import propagate_shapes, trace
 from .models import LoadedModel, build_source, load_model
 from .recipe import RECIPE_FORMAT
-from .report import compare_models
+from .report import compare_models, count_model
 from .validate import ValidationError, expect_dict
 
 TRACE_BATCH = 2
@@ -84,10 +84,75 @@ def _to_graph(loaded: LoadedModel, example: torch.Tensor, leaf_modules: Sequence
     return trace(loaded.model, example, leaf_modules=leaf_modules)
 
 
+MAX_NAMES = 16  # rewritten module names listed in an effect; the counts are complete
+
+
+def _state(gm: fx.GraphModule) -> tuple[dict, dict, dict]:
+    """Module types, tensors (parameters and buffers) and node signatures, by name."""
+    modules = {name: type(m).__name__ for name, m in gm.named_modules()}
+    tensors = dict(gm.named_parameters(remove_duplicate=False))
+    tensors.update(gm.named_buffers(remove_duplicate=False))
+    # Live nodes only: dropping dead ones (finalize's clean-up) changes no compute.
+    live, todo = set(), [n for n in gm.graph.nodes if n.op == "output"]
+    while todo:
+        n = todo.pop()
+        if n not in live:
+            live.add(n)
+            todo.extend(n.all_input_nodes)
+    nodes = {n.name: (n.op, str(n.target), str(n.args), str(n.kwargs)) for n in gm.graph.nodes if n in live}
+    return modules, tensors, nodes
+
+
+def _outermost(names: set[str]) -> set[str]:
+    """Drop names inside another listed one: a removed block, not each of its layers."""
+    return {n for n in names if not any(n.startswith(p + ".") for p in names if p != n)}
+
+
+def rewritten(before: fx.GraphModule, after: fx.GraphModule) -> dict[str, Any]:
+    """What a pass rewrote: modules added, removed, retyped or with new weights; graph nodes."""
+    mods_b, tens_b, nodes_b = _state(before)
+    mods_a, tens_a, nodes_a = _state(after)
+    touched = _outermost(set(mods_b) ^ set(mods_a))
+    # The root's class name is fx's (it changes on recompile): its graph is compared by nodes.
+    touched |= {n for n in set(mods_b) & set(mods_a) if n and mods_b[n] != mods_a[n]}
+    for name in set(tens_b) | set(tens_a):
+        a, b = tens_a.get(name), tens_b.get(name)
+        if a is None or b is None or a.shape != b.shape or a.dtype != b.dtype or not torch.equal(a, b):
+            touched.add(name.rpartition(".")[0] or "(root)")
+    touched = _outermost(touched)
+    return {"modules": len(touched), "names": sorted(touched)[:MAX_NAMES],
+            "nodes_added": len(set(nodes_a) - set(nodes_b)), "nodes_removed": len(set(nodes_b) - set(nodes_a)),
+            "nodes_changed": sum(nodes_a[n] != nodes_b[n] for n in set(nodes_a) & set(nodes_b))}
+
+
+def _effect(before: dict, after: dict, rewrote: dict, sizes: tuple[tuple, tuple], cfg: Any,
+            reason: str | None) -> dict[str, Any]:
+    """A pass's measured effect: counts before/after (the report's counter), what it rewrote, changed."""
+    effect: dict[str, Any] = {
+        "changed": bool(rewrote["modules"] or rewrote["nodes_added"] or rewrote["nodes_removed"]
+                        or rewrote["nodes_changed"] or sizes[0] != sizes[1]),
+        "before": dict(before), "after": dict(after),
+        "rewritten": rewrote,
+    }
+    if sizes[0] != sizes[1]:
+        effect["input_size"] = [list(sizes[0]), list(sizes[1])]
+    if not effect["changed"]:
+        effect["reason"] = reason or "graph, weights and input size are as before"
+    target = getattr(cfg, "flops", None)  # prune:flops=: checked with the report's counter
+    if isinstance(target, float) and before["flops"]:
+        ratio = after["flops"] / before["flops"]
+        effect["target"] = {"flops": target, "reached": round(ratio, 4), "met": ratio <= target * 1.01}
+    return effect
+
+
 def _run_passes(gm: fx.GraphModule, steps: list[tuple[registry.PassInfo, Any, dict | None]],
-                example: torch.Tensor, data: str | None = None,
+                example: torch.Tensor, data: str | None = None, *, counts: dict[str, Any] | None = None,
                 ) -> tuple[fx.GraphModule, list[dict[str, Any]], torch.Tensor]:
-    """Run passes in order; a pass that changes the input size (rescale) changes the example too."""
+    """Run passes in order; a pass that changes the input size (rescale) changes the example too.
+
+    With ``counts`` (the input model's :func:`report.count_model`), each record gets its
+    ``effect``: one count per pass boundary, the after of a pass the before of the next.
+    """
     records = []
     for i, (info, cfg, plan) in enumerate(steps):
         size = tuple(example.shape[1:])
@@ -95,6 +160,7 @@ def _run_passes(gm: fx.GraphModule, steps: list[tuple[registry.PassInfo, Any, di
         where = f"$.passes[{i}].plan" if plan is not None else "plan"
         ctx = registry.PassContext(example_inputs=(example,), plan=dict(plan or {}), replay=plan is not None,
                                    input_size=size, data=data, where=where)
+        previous = gm
         gm = info.run(gm, cfg, ctx)
         if not isinstance(gm, fx.GraphModule):
             raise TypeError(f"pass {info.name} returned {type(gm).__name__}, not a GraphModule")
@@ -104,6 +170,11 @@ def _run_passes(gm: fx.GraphModule, steps: list[tuple[registry.PassInfo, Any, di
             record["input_size"] = list(ctx.input_size)
         gm.eval()
         propagate_shapes(gm, example)
+        if counts is not None:
+            after = count_model(gm, tuple(example.shape[1:]))
+            record["effect"] = _effect(counts, after, rewritten(previous, gm), (size, tuple(example.shape[1:])),
+                                       cfg, ctx.reason)
+            counts = after
         records.append(record)
     return gm, records, example
 
@@ -147,7 +218,9 @@ def apply(
     gm = _to_graph(loaded, example, leaf_modules)
     if not isinstance(loaded.model, fx.GraphModule):
         leaf_modules = gm.meta["surgery"].leaf_fallbacks
-    gm, records, final_example = _run_passes(gm, [(info, cfg, None) for info, cfg in steps], example, data)
+    first = count_model(loaded.model, tuple(loaded.input_size))
+    gm, records, final_example = _run_passes(gm, [(info, cfg, None) for info, cfg in steps], example, data,
+                                             counts=first)
     source = dict(loaded.source)
     source.setdefault("input_size", list(loaded.input_size))  # the size the source is traced at
     if leaf_modules:
@@ -156,11 +229,14 @@ def apply(
         "format": RECIPE_FORMAT,
         "source": source,
         "input_size": list(final_example.shape[1:]),
-        "passes": loaded.passes + [{k: v for k, v in r.items() if k != "notes"} for r in records],
+        "passes": loaded.passes + [{k: v for k, v in r.items() if k not in ("notes", "effect")} for r in records],
     }
     report: dict[str, Any] = {"model": loaded.name, "passes": records}
     if measure:
-        report.update(compare_models(loaded.model, gm, loaded.input_size, tuple(final_example.shape[1:])))
+        # The totals are the first and last pass boundaries' counts: one counter, counted once.
+        last = records[-1]["effect"]["after"] if records else first
+        report.update(compare_models(loaded.model, gm, loaded.input_size, tuple(final_example.shape[1:]),
+                                     counts=(first, last)))
     return SurgeryResult(model=gm, report=report, recipe=recipe, original=loaded.model)
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 import statistics
 import time
@@ -9,7 +10,8 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.utils.flop_counter import FlopCounterMode, sdpa_flop
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils.flop_counter import FlopCounterMode, flop_registry, sdpa_flop, shape_wrapper
 
 from .graph import compare_outputs, output_tensors
 
@@ -31,23 +33,118 @@ def _sdpa_cpu_flop(query_shape, key_shape, value_shape, *args, out_shape=None, *
     return sdpa_flop(query_shape, key_shape, value_shape)
 
 
+# torch counts the CUDA attention kernels but not the CPU one that ViTs hit here.
+_CPU_MAPPING = {torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: _sdpa_cpu_flop}
+
+
+@contextlib.contextmanager
+def _no_param_grad(model: nn.Module):
+    """Parameters with requires_grad off for the count, restored after.
+
+    FlopCounterMode's module tracker hooks autograd on module inputs that require grad; a view
+    of a parameter made under no_grad (CaiT's and PiT's cls_token.expand) makes it raise.
+    """
+    params = [p for p in model.parameters() if p.requires_grad]
+    for p in params:
+        p.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p in params:
+            p.requires_grad_(True)
+
+
 def _count(model: nn.Module, example_input: torch.Tensor) -> FlopCounterMode:
-    # torch counts the CUDA attention kernels but not the CPU one that ViTs hit here.
-    mapping = {torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: _sdpa_cpu_flop}
-    counter = FlopCounterMode(display=False, custom_mapping=mapping)
-    with torch.no_grad(), counter:
+    counter = FlopCounterMode(display=False, custom_mapping=_CPU_MAPPING)
+    with _no_param_grad(model), torch.no_grad(), counter:
         model(example_input)
     return counter
 
 
+class _OpCounter(TorchDispatchMode):
+    """FlopCounterMode's per-op formulas without its module tracking (the part that breaks)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.registry = {**flop_registry, **{k: shape_wrapper(v) for k, v in _CPU_MAPPING.items()}}
+        self.flops = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        fn = self.registry.get(func._overloadpacket)
+        if fn is not None:
+            self.flops += int(fn(*args, **kwargs, out_val=out))
+        return out
+
+
+def _count_by_modules(model: nn.Module, example_input: torch.Tensor) -> dict[str, int]:
+    """Conv and linear layers only, from their weights and output shapes: the last resort (name -> FLOPs)."""
+    totals: dict[str, int] = {}
+
+    def hook_for(name: str):
+        def hook(mod: nn.Module, _inputs: Any, out: Any) -> None:
+            if isinstance(out, torch.Tensor):
+                w = mod.weight  # conv: each output value takes in/groups x kernel multiply-adds
+                per_out = w.shape[1] * math.prod(w.shape[2:]) if isinstance(mod, nn.modules.conv._ConvNd) \
+                    else w.shape[1]
+                totals[name] = totals.get(name, 0) + 2 * out.numel() * per_out
+        return hook
+
+    handles = [m.register_forward_hook(hook_for(name)) for name, m in model.named_modules()
+               if isinstance(m, (nn.modules.conv._ConvNd, nn.Linear))]
+    try:
+        with _no_param_grad(model), torch.no_grad():
+            model(example_input)
+    finally:
+        for h in handles:
+            h.remove()
+    return totals
+
+
+def measure_flops(model: nn.Module, example_input: torch.Tensor) -> dict[str, Any]:
+    """FLOPs and MACs of one forward; never raises for a model that runs.
+
+    Convention: FLOPs as torch's FlopCounterMode counts them (convolutions, matmuls and
+    attention; a multiply-add is 2 FLOPs; norms, activations and adds are not counted), and
+    MACs = FLOPs / 2 (what timm and Torch-Pruning report). Where FlopCounterMode fails, the
+    same formulas are applied op by op, then conv/linear layers by module hooks; such a count
+    has ``estimated: true`` and says why in ``method``.
+    """
+    method, error = "FlopCounterMode", None
+    try:
+        flops = int(_count(model, example_input).get_total_flops())
+    except Exception as exc:  # any failure of the counter: the report still gets a number
+        error = f"FlopCounterMode failed ({type(exc).__name__}: {str(exc)[:120]})"
+        try:
+            with _no_param_grad(model), torch.no_grad(), _OpCounter() as ops:
+                model(example_input)
+            flops, method = ops.flops, "per-op formulas"
+        except Exception:
+            flops, method = sum(_count_by_modules(model, example_input).values()), "conv/linear modules"
+    out: dict[str, Any] = {"flops": flops, "macs": flops // 2, "estimated": error is not None, "method": method}
+    if error:
+        out["error"] = error
+    return out
+
+
 def count_flops(model: nn.Module, example_input: torch.Tensor) -> int:
     """FLOPs of one forward (a multiply-add counts 2), attention included on CPU too."""
-    return int(_count(model, example_input).get_total_flops())
+    return measure_flops(model, example_input)["flops"]
 
 
 def flops_by_child(model: nn.Module, example_input: torch.Tensor) -> dict[str, int]:
-    """FLOPs of one forward per top-level child module (name -> FLOPs)."""
-    counts = _count(model, example_input).get_flop_counts()
+    """FLOPs of one forward per top-level child module (name -> FLOPs); conv/linear layers only
+    (an estimate) where FlopCounterMode fails."""
+    try:
+        counts = _count(model, example_input).get_flop_counts()
+    except Exception:  # the counter's failure must not end the run
+        out = dict.fromkeys((name for name, _ in model.named_children()), 0)
+        for name, flops in _count_by_modules(model, example_input).items():
+            top = name.split(".")[0]
+            if top in out:
+                out[top] += flops
+        return out
     root = type(model).__name__
     out = {}
     for name, _ in model.named_children():
@@ -87,12 +184,30 @@ def output_drift(reference: Any, candidate: Any) -> dict[str, float]:
     return {"max_abs": compare_outputs(reference, candidate), "cosine": cos}
 
 
-def model_stats(model: nn.Module, input_size: tuple[int, ...], *, latency: bool = True,
-                seed: int = 0) -> dict[str, Any]:
-    """Params, FLOPs at batch 1 and CPU latency at each of LATENCY_BATCHES."""
-    model = model.eval()
+def count_model(model: nn.Module, input_size: tuple[int, ...], *, seed: int = 0) -> dict[str, Any]:
+    """Params, MACs and FLOPs at batch 1: the one counter of the report and of every pass's effect.
+
+    FLOPs as :func:`measure_flops` counts them; MACs = FLOPs / 2. ``flops_estimated`` is true
+    where FlopCounterMode failed and a fallback counted (``flops_method`` says which).
+    """
+    was_training = model.training
     x1 = torch.randn(1, *input_size, generator=torch.Generator().manual_seed(seed))
-    stats: dict[str, Any] = {"params": count_params(model), "flops": count_flops(model, x1)}
+    try:
+        f = measure_flops(model.eval(), x1)
+    finally:
+        model.train(was_training)  # apply() leaves the caller's model as it was
+    out: dict[str, Any] = {"params": count_params(model), "macs": f["macs"], "flops": f["flops"],
+                           "flops_estimated": f["estimated"], "flops_method": f["method"]}
+    if "error" in f:
+        out["flops_error"] = f["error"]
+    return out
+
+
+def model_stats(model: nn.Module, input_size: tuple[int, ...], *, latency: bool = True,
+                seed: int = 0, counts: dict[str, Any] | None = None) -> dict[str, Any]:
+    """:func:`count_model` (or ``counts``, already measured) and CPU latency at each of LATENCY_BATCHES."""
+    model = model.eval()
+    stats = dict(counts) if counts is not None else count_model(model, input_size, seed=seed)
     if latency:
         stats["latency_ms"] = {
             str(b): measure_latency(model, torch.randn(b, *input_size)) for b in LATENCY_BATCHES
@@ -102,9 +217,11 @@ def model_stats(model: nn.Module, input_size: tuple[int, ...], *, latency: bool 
 
 def compare_models(original: nn.Module, rewritten: nn.Module, input_size: tuple[int, ...],
                    new_input_size: tuple[int, ...] | None = None, *, latency: bool = True,
-                   seed: int = 0) -> dict[str, Any]:
+                   seed: int = 0, counts: tuple[dict, dict] | None = None) -> dict[str, Any]:
     """Before/after stats (each at its own input size) and the drift of the rewritten output.
 
+    ``counts``: the (before, after) :func:`count_model` results when the caller has them
+    (the pipeline's pass effects), so that the totals are the same numbers, counted once.
     Drift needs one input for both models: it is None when a pass changed the input size.
     """
     new_input_size = tuple(new_input_size or input_size)
@@ -113,11 +230,12 @@ def compare_models(original: nn.Module, rewritten: nn.Module, input_size: tuple[
         x = torch.randn(4, *input_size, generator=torch.Generator().manual_seed(seed))
         with torch.no_grad():
             drift = output_drift(original.eval()(x), rewritten.eval()(x))
+    before, after = counts if counts is not None else (None, None)
     return {
         "input_size": list(input_size),
         "new_input_size": list(new_input_size),
-        "before": model_stats(original, input_size, latency=latency, seed=seed),
-        "after": model_stats(rewritten, new_input_size, latency=latency, seed=seed),
+        "before": model_stats(original, input_size, latency=latency, seed=seed, counts=before),
+        "after": model_stats(rewritten, new_input_size, latency=latency, seed=seed, counts=after),
         "drift": drift,
     }
 
@@ -140,11 +258,14 @@ def _ratio(before: float, after: float) -> str:
 def format_table(report: dict[str, Any]) -> str:
     """The report as a plain-text table for the terminal."""
     before, after = report["before"], report["after"]
-    rows = [("", "before", "after", "ratio")]
+    rows = [("FLOPs = 2 x MACs", "before", "after", "ratio")]
     rows.append(("params", human_count(before["params"]), human_count(after["params"]),
                  _ratio(before["params"], after["params"])))
-    rows.append(("FLOPs (batch 1)", human_count(before["flops"]), human_count(after["flops"]),
-                 _ratio(before["flops"], after["flops"])))
+    estimated = ", estimated" if before.get("flops_estimated") or after.get("flops_estimated") else ""
+    for key, label in (("macs", "MACs"), ("flops", "FLOPs")):
+        if key in before and key in after:
+            rows.append((f"{label} (batch 1{estimated})", human_count(before[key]), human_count(after[key]),
+                         _ratio(before[key], after[key])))
     for b in before.get("latency_ms", {}):
         lb, la = before["latency_ms"][b], after["latency_ms"][b]
         rows.append((f"CPU latency b={b} (ms)", f"{lb:.2f}", f"{la:.2f}", _ratio(lb, la)))
@@ -165,7 +286,33 @@ def format_table(report: dict[str, Any]) -> str:
         lines.append(f"input size changed: {report['input_size']} -> {report['new_input_size']} (no drift measured)")
     else:
         lines.append(f"output drift vs original: max|diff| {drift['max_abs']:.2e}, cosine {drift['cosine']:.6f}")
+    for side in ("before", "after"):
+        if report[side].get("flops_estimated"):
+            lines.append(f"FLOPs {side} estimated: {report[side].get('flops_error', 'FlopCounterMode failed')}; "
+                         f"counted by {report[side].get('flops_method')}")
     for step in report.get("passes", []):
+        effect = step.get("effect")
+        if effect:
+            lines.append(f"[{step['pass']}] {effect_line(effect)}")
         for note in step.get("notes", []):
             lines.append(f"[{step['pass']}] {note}")
     return "\n".join(lines)
+
+
+def effect_line(effect: dict[str, Any]) -> str:
+    """One line for a pass's measured effect: "no change: <reason>" or what it changed."""
+    if not effect["changed"]:
+        return f"no change: {effect.get('reason', '')}"
+    b, a, r = effect["before"], effect["after"], effect["rewritten"]
+    counts = ", ".join(f"{label} {human_count(b[k])} -> {human_count(a[k])}"
+                       for k, label in (("params", "params"), ("macs", "MACs"), ("flops", "FLOPs")))
+    nodes = ", ".join(f"{sign}{r[k]} nodes" for k, sign in (("nodes_added", "+"), ("nodes_removed", "-"),
+                                                             ("nodes_changed", "~")) if r[k])
+    text = f"changed: {counts}; {r['modules']} module(s) rewritten" + (f", {nodes}" if nodes else "")
+    if "input_size" in effect:
+        old, new = ("x".join(map(str, size)) for size in effect["input_size"])
+        text += f"; input {old} -> {new}"
+    target = effect.get("target")
+    if target and not target["met"]:
+        text += f"; FLOPs target {target['flops']:g}x missed: {target['reached']:.3f}x by this counter"
+    return text

@@ -177,11 +177,14 @@ def test_bad_runs(options, message):
         ebcle(gm, EbcleConfig(**options), ctx)
 
 
-def test_model_without_blocks_is_refused():
+def test_model_without_blocks_is_a_stated_no_op():
+    # Nothing to collapse is reported as no change (--strict refuses it), not raised.
     net = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.ReLU(), torch.nn.Flatten(), torch.nn.LazyLinear(2))
     net(torch.randn(1, 3, 8, 8))
-    with pytest.raises(SurgeryError, match="no residual"):
-        surgery.apply(net, ["ebcle:depth=1"], example_inputs=torch.randn(1, 3, 8, 8), measure=False)
+    result = surgery.apply(net, ["ebcle:depth=1"], example_inputs=torch.randn(1, 3, 8, 8), measure=False)
+    effect = result.report["passes"][0]["effect"]
+    assert effect["changed"] is False and "no residual" in effect["reason"]
+    assert result.recipe["passes"][0]["plan"] == {"removed": []}
 
 
 def test_choose_never_removes_heads():

@@ -34,6 +34,9 @@ class PassContext:
     input_size: tuple[int, ...] = ()  # (C, H, W) the graph takes; a pass that changes it sets it here
     data: str | None = None  # the run's --data (digits or a folder): calibration for passes that want it
     where: str = "plan"  # JSON path of ``plan`` in the recipe (``$.passes[2].plan``), for replay's errors
+    # Why the pass left the model as it was (nothing to fold, no block to collapse): the report's
+    # "no change" line. Whether it changed anything is measured by the pipeline, not claimed here.
+    reason: str | None = None
 
     def note(self, message: str) -> None:
         self.notes.append(message)

@@ -370,7 +370,13 @@ def ebcle(gm: fx.GraphModule, cfg: EbcleConfig, ctx: PassContext) -> fx.GraphMod
     start = time.perf_counter()
     structure = find_structure(gm)
     if not any(s.collapsible for s in structure.stages):
-        raise SurgeryError("ebcle: this model has no residual (x + f(x)) or dense blocks to collapse")
+        # Nothing to do is a no-op the report states (and --strict refuses), not an error;
+        # a replayed plan that removes blocks this model lacks still fails its check.
+        if ctx.replay:
+            _check_plan(ctx.plan, structure, ctx.where)
+        ctx.plan["removed"] = []
+        ctx.reason = "the model has no residual (x + f(x)) or dense blocks to collapse"
+        return gm
     stages = structure.stages
     counts = structure.counts
     example = ctx.example_inputs[0]
@@ -434,6 +440,9 @@ def ebcle(gm: fx.GraphModule, cfg: EbcleConfig, ctx: PassContext) -> fx.GraphMod
         before = gm.eval()(example[:1])
         gm.train(was_training)
     gm = collapse(gm, removed)
+    # A block counts as collapsed only when its compute left the graph (none of its nodes is left).
+    live = {n.name for n in gm.graph.nodes}
+    stayed = [b for b in removed if any(name in live for name in b.span)]
     gone = {b.name for b in removed}
     left = [b for b in structure.blocks if b.collapsible and b.name not in gone]
     if cfg.widen > 1.0 or (ctx.replay and ctx.plan.get("widen")):
@@ -456,6 +465,11 @@ def ebcle(gm: fx.GraphModule, cfg: EbcleConfig, ctx: PassContext) -> fx.GraphMod
             ctx.note(f"{s.name}: {len(kept)}/{len(s.blocks)} kept: {head}"
                      f"{_listing([b for b in kept if b.collapsible], scores, metric)}; removed: "
                      f"{_listing(dropped, scores, metric)}")
-    ctx.note(f"collapsed {len(removed)} block(s){' (replayed)' if ctx.replay else ''} "
+    ctx.note(f"collapsed {len(removed) - len(stayed)} block(s){' (replayed)' if ctx.replay else ''} "
              f"in {time.perf_counter() - start:.2f} s")
+    if stayed:
+        ctx.note(f"{len(stayed)} chosen block(s) still compute in the graph (not counted as collapsed): "
+                 + ", ".join(b.name for b in stayed[:MAX_LISTED]) + (" ..." if len(stayed) > MAX_LISTED else ""))
+    if not removed:
+        ctx.reason = "the depth bound keeps every block"
     return gm

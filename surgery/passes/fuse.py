@@ -165,6 +165,11 @@ def fuse(gm: fx.GraphModule, cfg: FuseConfig, ctx: PassContext) -> fx.GraphModul
     ctx.plan["folded"] = [list(p) for p in pairs]
     gm = finalize(gm)
     remaining = sum(isinstance(m, _norm_types()) for m in gm.modules())
+    if not pairs:
+        norms = sum(_is_foldable_norm(m) for m in gm.modules())
+        ctx.reason = ("the model has no BatchNorm with running statistics" if not norms else
+                      f"none of its {norms} BatchNorm layer(s) follows a plain conv/linear whose output only it "
+                      "reads" + (" (or they are skipped)" if cfg.skip else ""))
     ctx.note(f"folded {len(pairs)} BatchNorm layers ({folded_acts} norm-act kept their activation); "
              f"{remaining} BatchNorm layers remain")
     return gm
