@@ -186,13 +186,14 @@ def apply(
     *,
     input_size: Sequence[int] | str | None = None,
     measure: bool = True,
+    latency: bool = True,
     data: str | None = None,
 ) -> SurgeryResult:
     """Trace ``model`` and run ``passes`` on it in order; the caller's model is not touched.
 
     ``model`` is an nn.Module, a spec for :func:`surgery.load_model` or a LoadedModel.
     ``passes``: "name:key=value,..." strings, (name, options) pairs or config objects.
-    With ``measure`` the report has params, FLOPs, CPU latency and output drift.
+    With ``measure`` the report has params, FLOPs, CPU latency (unless ``latency=False``) and output drift.
     ``data`` (digits or an ImageFolder path) is the calibration data for passes that use it.
     """
     steps = resolve_passes(passes)  # bad pass specs fail before any slow work
@@ -236,7 +237,7 @@ def apply(
         # The totals are the first and last pass boundaries' counts: one counter, counted once.
         last = records[-1]["effect"]["after"] if records else first
         report.update(compare_models(loaded.model, gm, loaded.input_size, tuple(final_example.shape[1:]),
-                                     counts=(first, last)))
+                                     latency=latency, counts=(first, last)))
     return SurgeryResult(model=gm, report=report, recipe=recipe, original=loaded.model)
 
 
