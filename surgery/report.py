@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
 import statistics
 import time
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -215,6 +217,71 @@ def model_stats(model: nn.Module, input_size: tuple[int, ...], *, latency: bool 
     return stats
 
 
+MAX_SPREAD = 0.20  # relative interquartile range above which a latency ratio is not stated as fact
+
+
+def _quartiles(times: list[float]) -> tuple[float, float, float]:
+    q1, median, q3 = statistics.quantiles(times, n=4, method="inclusive")
+    return q1, median, q3
+
+
+def latency_verdict(before: list[float], after: list[float], *, load: float | None, cores: int) -> dict[str, Any]:
+    """Median and spread of each side's timings and whether their ratio can be trusted.
+
+    Spread is the interquartile range over the median; the ratio is "noisy" when either
+    side's spread exceeds MAX_SPREAD or the 1-minute load average exceeds the cores.
+    """
+    sides = {}
+    for name, times in (("before", before), ("after", after)):
+        q1, median, q3 = _quartiles(times)
+        sides[name] = {"median_ms": median, "spread": (q3 - q1) / median if median > 0 else 0.0,
+                       "runs": len(times)}
+    why = [f"{name} spread {v['spread']:.0%}" for name, v in sides.items() if v["spread"] > MAX_SPREAD]
+    if load is not None and load > cores:
+        why.append(f"load average {load:.1f} on {cores} cores")
+    ratio = sides["after"]["median_ms"] / sides["before"]["median_ms"] if sides["before"]["median_ms"] else None
+    return {**sides, "ratio": ratio, "noisy": bool(why), "why": "; ".join(why)}
+
+
+def compare_latency(original: nn.Module, rewritten: nn.Module, input_size: tuple[int, ...],
+                    new_input_size: tuple[int, ...], *, batches: Sequence[int] = LATENCY_BATCHES, runs: int = 9,
+                    threads: int | None = None, max_seconds: float = 10.0, seed: int = 0) -> dict[str, Any]:
+    """CPU latency of both models, interleaved run by run so that a change in machine load hits both.
+
+    Torch's intra-op threads are fixed for the measurement (``threads``, default the current
+    setting) and stated; each batch size gets ``runs`` timed forwards per model (fewer, but at
+    least 5, once ``max_seconds`` is spent), in ABBA order to cancel drift.
+    """
+    cores = os.cpu_count() or 1
+    previous = torch.get_num_threads()
+    threads = threads or previous
+    torch.set_num_threads(threads)
+    out: dict[str, Any] = {"threads": threads, "cores": cores, "batches": {}}
+    g = torch.Generator().manual_seed(seed)
+    try:
+        with torch.inference_mode():
+            for b in batches:
+                xs = (torch.randn(b, *input_size, generator=g), torch.randn(b, *new_input_size, generator=g))
+                models = (original.eval(), rewritten.eval())
+                for m, x in zip(models, xs):  # warm-up: allocator, caches, lazy init
+                    m(x)
+                    m(x)
+                times: tuple[list[float], list[float]] = ([], [])
+                deadline = time.perf_counter() + max_seconds
+                for r in range(runs):
+                    for i in ((0, 1) if r % 2 == 0 else (1, 0)):
+                        start = time.perf_counter()
+                        models[i](xs[i])
+                        times[i].append((time.perf_counter() - start) * 1e3)
+                    if time.perf_counter() > deadline and r + 1 >= 5:
+                        break
+                load = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
+                out["batches"][str(b)] = {**latency_verdict(*times, load=load, cores=cores), "load": load}
+    finally:
+        torch.set_num_threads(previous)
+    return out
+
+
 def compare_models(original: nn.Module, rewritten: nn.Module, input_size: tuple[int, ...],
                    new_input_size: tuple[int, ...] | None = None, *, latency: bool = True,
                    seed: int = 0, counts: tuple[dict, dict] | None = None) -> dict[str, Any]:
@@ -231,13 +298,19 @@ def compare_models(original: nn.Module, rewritten: nn.Module, input_size: tuple[
         with torch.no_grad():
             drift = output_drift(original.eval()(x), rewritten.eval()(x))
     before, after = counts if counts is not None else (None, None)
-    return {
+    report = {
         "input_size": list(input_size),
         "new_input_size": list(new_input_size),
-        "before": model_stats(original, input_size, latency=latency, seed=seed, counts=before),
-        "after": model_stats(rewritten, new_input_size, latency=latency, seed=seed, counts=after),
+        "before": model_stats(original, input_size, latency=False, seed=seed, counts=before),
+        "after": model_stats(rewritten, new_input_size, latency=False, seed=seed, counts=after),
         "drift": drift,
     }
+    if latency:
+        lat = compare_latency(original, rewritten, tuple(input_size), new_input_size, seed=seed)
+        report["latency"] = lat
+        for side in ("before", "after"):  # the medians, where readers of earlier reports look
+            report[side]["latency_ms"] = {b: v[side]["median_ms"] for b, v in lat["batches"].items()}
+    return report
 
 
 # --- presentation ---------------------------------------------------------------------
@@ -266,9 +339,11 @@ def format_table(report: dict[str, Any]) -> str:
         if key in before and key in after:
             rows.append((f"{label} (batch 1{estimated})", human_count(before[key]), human_count(after[key]),
                          _ratio(before[key], after[key])))
-    for b in before.get("latency_ms", {}):
-        lb, la = before["latency_ms"][b], after["latency_ms"][b]
-        rows.append((f"CPU latency b={b} (ms)", f"{lb:.2f}", f"{la:.2f}", _ratio(lb, la)))
+    lat = report.get("latency")
+    for b, v in (lat or {}).get("batches", {}).items():
+        lb, la = v["before"]["median_ms"], v["after"]["median_ms"]
+        rows.append((f"CPU latency b={b} (ms, {lat['threads']} thr)", f"{lb:.2f}", f"{la:.2f}",
+                     "noisy" if v["noisy"] else _ratio(lb, la)))
     onnx = report.get("onnx")
     if onnx:
         par = onnx["parity"]
@@ -281,6 +356,10 @@ def format_table(report: dict[str, Any]) -> str:
     lines = ["  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths)))
              for r in rows]
     lines.insert(1, "-" * len(lines[0]))
+    for b, v in (lat or {}).get("batches", {}).items():
+        if v["noisy"]:
+            lines.append(f"latency b={b}: no ratio stated, the measurement is noisy ({v['why']}; median of "
+                         f"{v['before']['runs']} interleaved runs each)")
     drift = report["drift"]
     if drift is None:
         lines.append(f"input size changed: {report['input_size']} -> {report['new_input_size']} (no drift measured)")
