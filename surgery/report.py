@@ -155,23 +155,6 @@ def flops_by_child(model: nn.Module, example_input: torch.Tensor) -> dict[str, i
     return out
 
 
-def measure_latency(model: nn.Module, example_input: torch.Tensor, *, warmup: int = 2,
-                    runs: int = 7, max_seconds: float = 5.0) -> float:
-    """Median wall time of one forward, in milliseconds (stops early past ``max_seconds``)."""
-    times = []
-    with torch.inference_mode():
-        for _ in range(warmup):
-            model(example_input)
-        deadline = time.perf_counter() + max_seconds
-        for _ in range(runs):
-            start = time.perf_counter()
-            model(example_input)
-            times.append((time.perf_counter() - start) * 1e3)
-            if time.perf_counter() > deadline and len(times) >= 3:
-                break
-    return statistics.median(times)
-
-
 def _flat(out: Any) -> torch.Tensor:
     tensors = [t.detach().float().flatten() for t in output_tensors(out)]
     return torch.cat(tensors) if tensors else torch.zeros(0)
@@ -203,18 +186,6 @@ def count_model(model: nn.Module, input_size: tuple[int, ...], *, seed: int = 0)
     if "error" in f:
         out["flops_error"] = f["error"]
     return out
-
-
-def model_stats(model: nn.Module, input_size: tuple[int, ...], *, latency: bool = True,
-                seed: int = 0, counts: dict[str, Any] | None = None) -> dict[str, Any]:
-    """:func:`count_model` (or ``counts``, already measured) and CPU latency at each of LATENCY_BATCHES."""
-    model = model.eval()
-    stats = dict(counts) if counts is not None else count_model(model, input_size, seed=seed)
-    if latency:
-        stats["latency_ms"] = {
-            str(b): measure_latency(model, torch.randn(b, *input_size)) for b in LATENCY_BATCHES
-        }
-    return stats
 
 
 MAX_SPREAD = 0.20  # relative interquartile range above which a latency ratio is not stated as fact
@@ -301,8 +272,8 @@ def compare_models(original: nn.Module, rewritten: nn.Module, input_size: tuple[
     report = {
         "input_size": list(input_size),
         "new_input_size": list(new_input_size),
-        "before": model_stats(original, input_size, latency=False, seed=seed, counts=before),
-        "after": model_stats(rewritten, new_input_size, latency=False, seed=seed, counts=after),
+        "before": dict(before) if before is not None else count_model(original.eval(), input_size, seed=seed),
+        "after": dict(after) if after is not None else count_model(rewritten.eval(), new_input_size, seed=seed),
         "drift": drift,
     }
     if latency:
