@@ -333,22 +333,13 @@ def _print_metrics(args: argparse.Namespace, data: dict, title: str) -> None:
     _emit(args, data, text)
 
 
-def _check_training_out(args: argparse.Namespace) -> None:
-    """Refuse an --out that would replace the run's own inputs, before the model is built."""
-    from .artifact import check_out_dir
-
-    if args.out and not (args.resume or args.resume_anyway):
-        check_out_dir(args.out, args.force, protect=_inputs(args))
-
-
 def cmd_train(args: argparse.Namespace) -> int:
     from .tasks import train
 
-    _check_training_out(args)
     result = train(args.model, args.data, _train_config(args), out=args.out, num_classes=args.num_classes,
                    input_size=args.input_size, weights=args.weights, resume=args.resume, force=args.force,
                    resume_anyway=args.resume_anyway,
-                   limit=args.limit, schedule=_schedule(args))
+                   limit=args.limit, schedule=_schedule(args), protect=_inputs(args))
     _print_metrics(args, {"metrics": result.metrics, "seconds": result.seconds, "history": result.history},
                    f"trained in {result.seconds:.0f}s" + (f", saved {result.out}" if result.out else ""))
     return 0
@@ -357,11 +348,10 @@ def cmd_train(args: argparse.Namespace) -> int:
 def cmd_finetune(args: argparse.Namespace) -> int:
     from .tasks import finetune
 
-    _check_training_out(args)
     cfg = _train_config(args, finetune=True)
     result = finetune(_load(args), args.data, cfg, teacher=args.teacher, out=args.out, resume=args.resume,
                       resume_anyway=args.resume_anyway,
-                      force=args.force, limit=args.limit, schedule=_schedule(args))
+                      force=args.force, limit=args.limit, schedule=_schedule(args), protect=_inputs(args))
     _print_metrics(args, {"metrics": result.metrics, "seconds": result.seconds, "history": result.history},
                    f"fine-tuned in {result.seconds:.0f}s, saved {result.out}")
     return 0

@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import logging
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -21,6 +22,8 @@ from .checkpoint import CHECKPOINT_DIR, STATE_FILE
 from .data import IMAGENET_MEAN, IMAGENET_STD, ImageData, load_data
 from .errors import SurgeryError
 from .models import LoadedModel, load_model
+from .recipe import RECIPE_FORMAT
+from .safeio import recover
 from .schedule import ProgressiveResize, schedule_report
 from .train import (
     TrainConfig,
@@ -71,7 +74,12 @@ def data_for(spec: str, loaded: LoadedModel, *, limit: int | None = None, seed: 
     return load_data(spec, image_size=_square(loaded.input_size), mean=mean, std=std, limit=limit, seed=seed)
 
 
-def _prepare_out(out: str | Path | None, *, force: bool, resume: bool) -> Path | None:
+def _inputs(*specs: Any) -> list[Path]:
+    """Paths a run reads (a data folder, an artifact, weights): its --out must never replace them."""
+    return [Path(s) for s in specs if isinstance(s, (str, Path)) and s != "digits" and Path(s).exists()]
+
+
+def _prepare_out(out: str | Path | None, *, force: bool, resume: bool, protect: Sequence[Path] = ()) -> Path | None:
     if out is None:
         if resume:
             raise SurgeryError("--resume needs the --out folder of the interrupted run")
@@ -80,8 +88,6 @@ def _prepare_out(out: str | Path | None, *, force: bool, resume: bool) -> Path |
     if resume:
         d = setup_distributed()
         if d.main:
-            from .safeio import recover
-
             recover(out / CHECKPOINT_DIR)  # a save killed between its two renames left the checkpoint aside
         if d.world > 1:
             import torch.distributed as dist
@@ -90,7 +96,7 @@ def _prepare_out(out: str | Path | None, *, force: bool, resume: bool) -> Path |
         if not (out / CHECKPOINT_DIR / STATE_FILE).is_file():
             raise SurgeryError(f"{out} holds no checkpoint to resume; run without --resume")
         return out
-    check_out_dir(out, force)
+    check_out_dir(out, force, protect=protect)
     return out
 
 
@@ -99,7 +105,7 @@ def _finish(loaded: LoadedModel, model: nn.Module, data: ImageData, cfg: TrainCo
     metrics = history[-1] if history else evaluate(model, data)
     metrics = {k: v for k, v in metrics.items() if k.startswith("val_")}
     if out is not None and setup_distributed().main:
-        recipe = {"format": "surgery.recipe/1", "source": loaded.source, "input_size": list(loaded.input_size),
+        recipe = {"format": RECIPE_FORMAT, "source": loaded.source, "input_size": list(loaded.input_size),
                   "passes": loaded.passes}
         report = {"task": kind, "model": loaded.name, "data": data.name, "metrics": metrics, "seconds": seconds,
                   "config": asdict(cfg), **(extra_report or {})}
@@ -122,6 +128,7 @@ def train(
     force: bool = False,
     limit: int | None = None,
     schedule: ProgressiveResize | None = None,
+    protect: Sequence[str | Path] = (),
 ) -> TrainResult:
     """Train a model (a timm name, torchvision:NAME, an nn.Module or an artifact) on ``data``.
 
@@ -131,7 +138,7 @@ def train(
     """
     cfg = cfg or TrainConfig()
     resume = resume or resume_anyway
-    out = _prepare_out(out, force=force, resume=resume)
+    out = _prepare_out(out, force=force, resume=resume, protect=[*_inputs(model, data, weights), *protect])
     seed_everything(cfg.seed)  # the random initial weights: equal runs start equal
     if isinstance(model, LoadedModel):
         loaded = model
@@ -180,11 +187,12 @@ def finetune(
     force: bool = False,
     limit: int | None = None,
     schedule: ProgressiveResize | None = None,
+    protect: Sequence[str | Path] = (),
 ) -> TrainResult:
     """Fine-tune an artifact (or model) on ``data``, distilling from ``teacher`` when given."""
     cfg = cfg or TrainConfig(epochs=3, lr=FINETUNE_LR, warmup_epochs=0.0)
     resume = resume or resume_anyway
-    out = _prepare_out(out, force=force, resume=resume)
+    out = _prepare_out(out, force=force, resume=resume, protect=[*_inputs(model, data, teacher), *protect])
     seed_everything(cfg.seed)  # a model built here from a name starts from seeded random weights
     loaded = model if isinstance(model, LoadedModel) else load_model(model)
     dataset = data_for(data, loaded, limit=limit, seed=cfg.seed)

@@ -193,6 +193,18 @@ def test_training_out_equal_to_its_data_or_teacher_is_refused(artifact, tmp_path
     assert snapshot(tmp_path) == before
 
 
+def test_api_training_out_equal_to_its_data_is_refused(tmp_path):
+    from surgery.tasks import train
+
+    data = tmp_path / "data"
+    (data / "a").mkdir(parents=True)
+    (data / "a" / "1.png").write_bytes(b"x")
+    before = snapshot(tmp_path)
+    with pytest.raises(SurgeryError, match="holds the input"):
+        train("resnet18", str(data), out=data, force=True)
+    assert snapshot(tmp_path) == before
+
+
 def test_symlinked_out_dir_is_refused(artifact, tmp_path):
     real = copy_artifact(artifact, tmp_path / "real")
     link = tmp_path / "link"
