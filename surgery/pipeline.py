@@ -125,8 +125,8 @@ def rewritten(before: fx.GraphModule, after: fx.GraphModule) -> dict[str, Any]:
             "nodes_changed": sum(nodes_a[n] != nodes_b[n] for n in set(nodes_a) & set(nodes_b))}
 
 
-def _effect(before: dict, after: dict, rewrote: dict, sizes: tuple[tuple, tuple], cfg: Any,
-            reason: str | None) -> dict[str, Any]:
+def _effect(before: dict, after: dict, rewrote: dict, sizes: tuple[tuple, tuple], reason: str | None,
+            target: dict[str, Any] | None) -> dict[str, Any]:
     """A pass's measured effect: counts before/after (the report's counter), what it rewrote, changed."""
     effect: dict[str, Any] = {
         "changed": bool(rewrote["modules"] or rewrote["nodes_added"] or rewrote["nodes_removed"]
@@ -138,11 +138,34 @@ def _effect(before: dict, after: dict, rewrote: dict, sizes: tuple[tuple, tuple]
         effect["input_size"] = [list(sizes[0]), list(sizes[1])]
     if not effect["changed"]:
         effect["reason"] = reason or "graph, weights and input size are as before"
-    target = getattr(cfg, "flops", None)  # prune:flops=: checked with the report's counter
-    if isinstance(target, float) and before["flops"]:
-        ratio = after["flops"] / before["flops"]
-        effect["target"] = {"flops": target, "reached": round(ratio, 4), "met": ratio <= target * 1.01}
+    if target is not None:
+        effect["target"] = check_target(target, before, after)
     return effect
+
+
+TARGET_TOLERANCE = 0.01  # a pass's FLOPs prediction and the report's counter agree to 1%
+
+
+def check_target(target: dict[str, Any], before: dict, after: dict) -> dict[str, Any]:
+    """A pass's target (``ctx.target``) checked with the report's counter: ``reached_flops``, ``met``.
+
+    ``bound``: "equal" (within the tolerance, relative), "at_most" (not above it), "less" or
+    "more" (compute must fall or rise: a rescale's direction). A pass's own ``met: false``
+    (a target it knows it could not reach) stands whatever the counter says.
+    """
+    out = dict(target)
+    expected = target.get("expected_flops")
+    if expected is None or not before["flops"]:
+        out["met"] = bool(target.get("met", True))
+        return out
+    reached = after["flops"] / before["flops"]
+    tol = float(target.get("tolerance", TARGET_TOLERANCE))
+    bound = target.get("bound", "equal")
+    met = {"equal": abs(reached - expected) <= tol * expected, "at_most": reached <= expected * (1 + tol),
+           "less": reached < expected, "more": reached > expected}[bound]
+    out.update(reached_flops=round(reached, 4), tolerance=tol, bound=bound,
+               met=bool(met and target.get("met", True)))
+    return out
 
 
 def _run_passes(gm: fx.GraphModule, steps: list[tuple[registry.PassInfo, Any, dict | None]],
@@ -173,7 +196,7 @@ def _run_passes(gm: fx.GraphModule, steps: list[tuple[registry.PassInfo, Any, di
         if counts is not None:
             after = count_model(gm, tuple(example.shape[1:]))
             record["effect"] = _effect(counts, after, rewritten(previous, gm), (size, tuple(example.shape[1:])),
-                                       cfg, ctx.reason)
+                                       ctx.reason, ctx.target)
             counts = after
         records.append(record)
     return gm, records, example

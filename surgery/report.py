@@ -11,7 +11,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch
-from torch import nn
+from torch import fx, nn
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import FlopCounterMode, flop_registry, sdpa_flop, shape_wrapper
 
@@ -102,6 +102,31 @@ def _count_by_modules(model: nn.Module, example_input: torch.Tensor) -> dict[str
         for h in handles:
             h.remove()
     return totals
+
+
+def flops_by_node(gm: fx.GraphModule, example_input: torch.Tensor) -> dict[str, int]:
+    """FLOPs of each graph node of one forward (name -> FLOPs, nodes that count none left out).
+
+    The same per-op formulas as :func:`measure_flops` (its total, where FlopCounterMode works),
+    attributed to the node that ran them: what a pass uses to predict and explain its effect.
+    """
+    counts: dict[str, int] = {}
+
+    class _PerNode(fx.Interpreter):
+        def run_node(self, n: fx.Node) -> Any:
+            start = ops.flops
+            out = super().run_node(n)
+            if ops.flops > start:
+                counts[n.name] = ops.flops - start
+            return out
+
+    was_training = gm.training
+    try:
+        with _no_param_grad(gm), torch.no_grad(), _OpCounter() as ops:
+            _PerNode(gm.eval()).run(example_input)
+    finally:
+        gm.train(was_training)
+    return counts
 
 
 def measure_flops(model: nn.Module, example_input: torch.Tensor) -> dict[str, Any]:
@@ -362,7 +387,22 @@ def effect_line(effect: dict[str, Any]) -> str:
     if "input_size" in effect:
         old, new = ("x".join(map(str, size)) for size in effect["input_size"])
         text += f"; input {old} -> {new}"
-    target = effect.get("target")
-    if target and not target["met"]:
-        text += f"; FLOPs target {target['flops']:g}x missed: {target['reached']:.3f}x by this counter"
+    if effect.get("target"):
+        text += "; " + target_line(effect["target"])
+    return text
+
+
+_BOUND_WORDS = {"equal": "expected", "at_most": "expected at most", "less": "expected below",
+                "more": "expected above"}
+
+
+def target_line(target: dict[str, Any]) -> str:
+    """What a pass was asked for against what the report's counter measured, and why it fell short."""
+    text = f"target {target['kind']}={target['requested']}"
+    if "reached_flops" in target:
+        text += (f": FLOPs {target['reached_flops']:.3f}x by this counter, "
+                 f"{_BOUND_WORDS[target['bound']]} {target['expected_flops']:.3f}x")
+    text += " (met)" if target["met"] else " MISSED"
+    if not target["met"] and target.get("cause"):
+        text += f": {target['cause']}"
     return text

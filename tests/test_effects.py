@@ -61,8 +61,9 @@ def test_effects_chain_and_use_the_reports_counter():
     assert fuse["after"]["params"] < fuse["before"]["params"] and fuse["after"]["flops"] == fuse["before"]["flops"]
     assert fuse["rewritten"]["nodes_removed"] == 20 and "bn1" in fuse["rewritten"]["names"]
     assert prune["after"]["flops"] < prune["before"]["flops"]
-    assert prune["target"]["flops"] == 0.5 and prune["target"]["reached"] == pytest.approx(
-        prune["after"]["flops"] / prune["before"]["flops"], abs=1e-4)
+    assert prune["target"]["kind"] == "flops" and prune["target"]["requested"] == 0.5
+    assert prune["target"]["reached_flops"] == pytest.approx(prune["after"]["flops"] / prune["before"]["flops"],
+                                                             abs=1e-4)
     table = format_table(rep)
     assert "FLOPs = 2 x MACs" in table and "MACs (batch 1)" in table and "[prune] changed: params" in table
     assert "estimated" not in table
@@ -166,3 +167,79 @@ def test_ebcle_claims_only_the_collapse_the_effect_shows():
     kept = surgery.apply(model, "ebcle:depth=8", example_inputs=x, measure=False).report["passes"][0]
     assert any(n.startswith("collapsed 0 block(s)") for n in kept["notes"])
     assert kept["effect"]["changed"] is False and kept["effect"]["reason"] == "the depth bound keeps every block"
+
+
+# --- targets checked with the report's counter (issue 12.2) ---------------------------------
+
+TARGET_MODELS = [("resnet50", "64", "ebcle:depth=8"), ("vit_tiny_patch16_224", "224", "ebcle:depth=6"),
+                 ("convnext_atto", "64", "ebcle:depth=6")]
+
+
+@pytest.mark.parametrize("name, size, depth", TARGET_MODELS)
+def test_targets_and_the_reports_counter_agree_within_one_percent(name, size, depth):
+    model = timm.create_model(name, num_classes=10).eval()
+    for spec in ("prune:flops=0.5", depth, "rescale:factor=0.5"):
+        result = surgery.apply(model, spec, input_size=size, latency=False)
+        effect = result.report["passes"][0]["effect"]
+        target = effect["target"]
+        counted = effect["after"]["flops"] / effect["before"]["flops"]
+        assert target["met"], (spec, target)
+        assert target["reached_flops"] == pytest.approx(counted, abs=1e-4)
+        assert result.report["after"]["flops"] == effect["after"]["flops"]  # the table's counter, too
+        if spec.startswith("prune"):
+            assert counted == pytest.approx(0.5, rel=0.01)
+            note = next(n for n in result.report["passes"][0]["notes"] if n.startswith("FLOPs target"))
+            assert f"{counted:.3f}x by the report's counter" in note
+        elif spec.startswith("ebcle"):  # the blocks' compute, counted before, is what left the graph
+            assert target["bound"] == "equal" and counted == pytest.approx(target["expected_flops"], rel=0.01)
+            assert counted < 0.8
+        else:  # compute follows the pixels: a quarter of them, about a quarter of the FLOPs
+            assert target["pixels"] == 0.25 and 0.15 < counted < 0.3
+
+
+def test_a_missed_target_states_its_cause_and_fails_strict():
+    model = timm.create_model("resnet18", num_classes=10).eval()
+    result = surgery.apply(model, "prune:flops=0.02", input_size="32", latency=False)
+    target = result.report["passes"][0]["effect"]["target"]
+    reached = target["reached_flops"]
+    assert not target["met"] and reached > 0.02 * 1.01
+    # "0.059x: removing up to max_ratio=0.9 of every prunable group; 2 group(s) kept whole: ..."
+    assert target["cause"].startswith(f"{reached:.3f}x: removing up to max_ratio=0.9")
+    assert "kept whole" in target["cause"] and "model input" in target["cause"]
+    assert f"target flops=0.02: FLOPs {reached:.3f}x by this counter" in format_table(result.report)
+    proc = cli("apply", "resnet18", "--input-size", "32", "--no-latency", "--pass", "prune:flops=0.02", "--strict")
+    assert proc.returncode == 1 and "MISSED" in proc.stderr and "max_ratio=0.9" in proc.stderr
+
+
+def test_the_counter_settles_the_prune_search_when_the_estimate_is_off(monkeypatch):
+    """An estimate that misses a third of the compute (as one that knows no such op would)
+    still ends at the target: the counter measures, the search runs again on a corrected goal."""
+    from surgery.passes import prune as prune_mod
+
+    exact = prune_mod.estimate_flops
+    base: dict[int, int] = {}
+
+    def blind(gm, cg, counts):  # reads a constant third of the original compute as absent
+        full = exact(gm, cg, counts)
+        base.setdefault(id(cg), exact(gm, cg, {}))
+        return full - base[id(cg)] // 3
+
+    monkeypatch.setattr(prune_mod, "estimate_flops", blind)
+    model = timm.create_model("resnet18", num_classes=10).eval()
+    result = surgery.apply(model, "prune:flops=0.5", input_size="32", latency=False)
+    target = result.report["passes"][0]["effect"]["target"]
+    assert target["met"] and target["reached_flops"] == pytest.approx(0.5, rel=0.01)
+    note = next(n for n in result.report["passes"][0]["notes"] if n.startswith("FLOPs target"))
+    estimate = float(note.split("estimate ")[1].split("x")[0])
+    assert estimate < 0.4  # the estimate's own figure was far off; the reported one is the counter's
+
+
+def test_flops_by_node_sums_to_the_reports_counter():
+    from surgery.graph import trace
+    from surgery.report import flops_by_node
+
+    model = timm.create_model("convnext_atto", num_classes=10).eval()
+    gm = trace(model, torch.randn(2, 3, 64, 64))
+    per_node = flops_by_node(gm, torch.randn(1, 3, 64, 64))
+    assert sum(per_node.values()) == count_model(model, (3, 64, 64))["flops"]
+    assert per_node["stem_0"] == 2 * 40 * 16 * 16 * 3 * 4 * 4  # the 4x4/4 stem: out x in x kernel

@@ -37,6 +37,10 @@ class PassContext:
     # Why the pass left the model as it was (nothing to fold, no block to collapse): the report's
     # "no change" line. Whether it changed anything is measured by the pipeline, not claimed here.
     reason: str | None = None
+    # What the pass was asked for and what the report's counter must then show (checked by the
+    # pipeline, which measures): "kind", "requested", "expected_flops" (after / before), "tolerance",
+    # "bound" ("equal" or "at_most"), and "cause" when the pass already knows it falls short.
+    target: dict[str, Any] | None = None
 
     def note(self, message: str) -> None:
         self.notes.append(message)

@@ -28,6 +28,7 @@ from ..data import load_calibration
 from ..entropy import MAX_NATS
 from ..errors import SurgeryError
 from ..graph import compare_outputs, propagate_shapes
+from ..report import flops_by_node
 from ..validate import (
     MAX_CHANNELS,
     MAX_ITEMS,
@@ -439,6 +440,10 @@ def ebcle(gm: fx.GraphModule, cfg: EbcleConfig, ctx: PassContext) -> fx.GraphMod
         was_training = gm.training
         before = gm.eval()(example[:1])
         gm.train(was_training)
+    # The compute the removed blocks hold, by the report's formulas: what the counter must see leave.
+    per_node = flops_by_node(gm, example[:1]) if removed else {}
+    total = sum(per_node.values())
+    held = sum(per_node.get(name, 0) for b in removed for name in b.span)
     gm = collapse(gm, removed)
     # A block counts as collapsed only when its compute left the graph (none of its nodes is left).
     live = {n.name for n in gm.graph.nodes}
@@ -472,4 +477,14 @@ def ebcle(gm: fx.GraphModule, cfg: EbcleConfig, ctx: PassContext) -> fx.GraphMod
                  + ", ".join(b.name for b in stayed[:MAX_LISTED]) + (" ..." if len(stayed) > MAX_LISTED else ""))
     if not removed:
         ctx.reason = "the depth bound keeps every block"
+    elif total and not (cfg.widen > 1.0 or (ctx.replay and ctx.plan.get("widen"))):  # widening adds compute
+        kept_blocks = sum(1 for b in structure.blocks if b.name not in gone)
+        ctx.target = {"kind": "depth", "requested": f"{kept_blocks} of {len(structure.blocks)} blocks",
+                      "expected_flops": round(1 - held / total, 6),
+                      # dense layers also shrink the concats they fed: at most; residual: exactly
+                      "bound": "at_most" if any(b.kind == "dense" for b in removed) else "equal"}
+        if stayed:
+            ctx.target["cause"] = f"{len(stayed)} chosen block(s) still compute: " + \
+                ", ".join(b.name for b in stayed[:MAX_LISTED])
+        ctx.note(f"the removed blocks held {held / total:.1%} of the FLOPs (report's formulas, per node)")
     return gm

@@ -25,6 +25,7 @@ from ..channels import ChannelGraph, Group, Member, build, format_ranges
 from ..data import Calibration, load_calibration
 from ..errors import SurgeryError
 from ..graph import finalize, get_module, node_shape
+from ..report import count_model
 from ..validate import MAX_CHANNELS, ValidationError, at, expect_dict, expect_int, expect_number, expect_ranges
 from . import PassContext, register
 
@@ -368,6 +369,113 @@ def estimate_flops(gm: fx.GraphModule, cg: ChannelGraph, counts: dict[int, int])
     return total
 
 
+# --- the FLOPs target: searched on the estimate, settled by the report's counter -------------
+
+FLOPS_TOLERANCE = 0.01  # the report's counter within 1% of the target, or the record says why not
+COUNTER_ROUNDS = 4  # counts of a candidate by the report's counter (each slices a copy)
+MAX_FILL_SWEEPS = 8
+
+
+def _next_score(c: _Choice, kept: int) -> float:
+    """Normalised score of the best channel a group has removed: the one given back first."""
+    ranked = np.sort(c.score)[::-1]
+    mean = c.score.mean()
+    return float(ranked[kept] / mean) if mean > 0 and kept < len(ranked) else 0.0
+
+
+def _fill(choices: list[_Choice], counts: list[int], flops_of, budget: float) -> list[int]:
+    """Give channels back, best next channel first, while the FLOPs stay within ``budget``.
+
+    One global ratio moves every group's rounding at once; from the ratio's bisection, each
+    group can still take a step back that fits, which brings the result up to the target.
+    """
+    counts = list(counts)
+    for _ in range(MAX_FILL_SWEEPS):
+        grown = False
+        for i in sorted((i for i, c in enumerate(choices) if counts[i] < c.group.size),
+                        key=lambda i: -_next_score(choices[i], counts[i])):
+            bigger = choices[i].allowed[choices[i].allowed > counts[i]]
+            trial = counts[:i] + [int(bigger[0])] + counts[i + 1:]
+            if flops_of(trial) <= budget:
+                counts, grown = trial, True
+        if not grown:
+            break
+    return counts
+
+
+def _next_goal(history: list[tuple[float, float]], target: float) -> float:
+    """The estimate's next goal: the secant through the last two (goal, counted) points, or the
+    first point scaled by target / counted; kept within (0, 1]."""
+    (g1, r1) = history[-1]
+    goal = g1 * target / r1 if r1 > 0 else g1
+    if len(history) > 1:
+        g0, r0 = history[-2]
+        if r1 != r0 and g1 != g0 and (r1 - r0) / (g1 - g0) > 0:
+            goal = g1 + (target - r1) * (g1 - g0) / (r1 - r0)
+    return min(max(goal, 1e-6), 1.0)
+
+
+def _flops_search(gm: fx.GraphModule, cg: ChannelGraph, choices: list[_Choice], counts_at, cfg: PruneConfig,
+                  ctx: PassContext, groups: list[Group]) -> tuple[float, list[int]]:
+    """Keep counts that meet ``cfg.flops`` by the report's counter (:func:`surgery.report.count_model`).
+
+    The analytic estimate searches (bisection over the ratio, then :func:`_fill`); the
+    counter measures the candidate; where they differ, the estimate's goal is corrected by
+    their ratio and the search runs again. Sets ``ctx.target``, with the cause of a shortfall.
+    """
+    target = cfg.flops
+    size = tuple(ctx.example_inputs[0].shape[1:])
+    base_est = estimate_flops(gm, cg, {})
+    base = count_model(gm, size)["flops"]
+
+    def estimate(counts: list[int]) -> int:
+        return estimate_flops(gm, cg, {c.group.id: k for c, k in zip(choices, counts)})
+
+    def counted(counts: list[int]) -> float:
+        sliced = finalize(cg.apply(copy.deepcopy(gm), _keep_masks(choices, counts)))
+        return count_model(sliced, size)["flops"] / base
+
+    ctx.target = {"kind": "flops", "requested": target, "expected_flops": target, "bound": "equal"}
+    if not base or not base_est or not choices:
+        ratio = cfg.max_ratio
+        counts = counts_at(ratio)
+        ctx.target["cause"] = ("no prunable channel group" if not choices else
+                               "no conv, linear or attention FLOPs to count")
+        return ratio, counts
+    goal, best, history = target, None, []
+    for _ in range(COUNTER_ROUNDS):
+        budget = goal * base_est
+        if estimate(counts_at(cfg.max_ratio)) > budget:
+            ratio, counts, reach = cfg.max_ratio, counts_at(cfg.max_ratio), False
+        else:
+            lo, hi = 0.0, cfg.max_ratio
+            for _ in range(FLOPS_SEARCH_STEPS):
+                mid = (lo + hi) / 2
+                lo, hi = (lo, mid) if estimate(counts_at(mid)) <= budget else (mid, hi)
+            ratio, counts, reach = hi, _fill(choices, counts_at(hi), estimate, budget), True
+        real, est = counted(counts), estimate(counts) / base_est
+        key = (real > target * (1 + FLOPS_TOLERANCE), abs(real - target))  # within the budget first
+        if best is None or key < best[0]:
+            best = (key, ratio, counts, real, est, reach)
+        if abs(real - target) <= FLOPS_TOLERANCE * target or not reach or abs(est - real) <= 1e-4:
+            break  # met; out of reach; or the estimate is the counter and the gap is the channel steps
+        history.append((goal, real))
+        goal = _next_goal(history, target)
+    _, ratio, counts, real, est, reach = best
+    ctx.note(f"FLOPs target {target:g}: {real:.3f}x by the report's counter (the search's estimate "
+             f"{est:.3f}x); ratio {ratio:.3f}")
+    if abs(real - target) > FLOPS_TOLERANCE * target:
+        whole = [g for g in groups if not g.prunable]
+        if not reach:
+            why = f"removing up to max_ratio={cfg.max_ratio:g} of every prunable group"
+            why += f"; {len(whole)} group(s) kept whole: {_reason_summary(whole)}" if whole else ""
+        else:
+            why = (f"the closest {len(choices)} group(s) reach in steps of round_to={cfg.round_to} "
+                   f"(round_to=1 for finer steps)")
+        ctx.target["cause"] = f"{real:.3f}x: {why}"
+    return ratio, counts
+
+
 # --- the pass ----------------------------------------------------------------------------
 
 
@@ -439,7 +547,6 @@ def prune(gm: fx.GraphModule, cfg: PruneConfig, ctx: PassContext) -> fx.GraphMod
     groups = cg.groups()
     prunable = [g for g in groups if g.prunable]
     by_anchor = {g.anchor: g for g in groups}
-    base_flops = estimate_flops(gm, cg, {})
     if ctx.replay:
         keep = _check_plan(ctx.plan, by_anchor, ctx.where)
     else:
@@ -459,24 +566,12 @@ def prune(gm: fx.GraphModule, cfg: PruneConfig, ctx: PassContext) -> fx.GraphMod
         def counts_at(r: float) -> list[int]:
             return _keep_counts(choices, r, cfg.scope, order, owner)
 
-        def flops_at(r: float) -> int:
-            return estimate_flops(gm, cg, {c.group.id: k for c, k in zip(choices, counts_at(r))})
-
         if cfg.flops is not None:
-            target = cfg.flops * base_flops
-            lo, hi = 0.0, cfg.max_ratio
-            if flops_at(hi) > target:
-                ratio = hi
-                ctx.note(f"FLOPs target {cfg.flops} is out of reach: removing {hi:.0%} of every group "
-                         f"leaves {flops_at(hi) / base_flops:.3f}x")
-            else:
-                for _ in range(FLOPS_SEARCH_STEPS):
-                    mid = (lo + hi) / 2
-                    lo, hi = (lo, mid) if flops_at(mid) <= target else (mid, hi)
-                ratio = hi
+            ratio, counts_list = _flops_search(gm, cg, choices, counts_at, cfg, ctx, groups)
         else:
             ratio = cfg.ratio if cfg.ratio is not None else DEFAULT_RATIO
-        keep = _keep_masks(choices, counts_at(ratio))
+            counts_list = counts_at(ratio)
+        keep = _keep_masks(choices, counts_list)
         ctx.plan["ratio"] = round(ratio, 6)
         if fallback:
             ctx.note(f"importance bn: {fallback} group(s) have no norm scale and use l2")
@@ -486,7 +581,6 @@ def prune(gm: fx.GraphModule, cfg: PruneConfig, ctx: PassContext) -> fx.GraphMod
                 ctx.plan["groups"][g.anchor] = {"size": g.size,
                                                 "keep": format_ranges(np.flatnonzero(keep[g.id]).tolist())}
     counts = {g: int(k.sum()) for g, k in keep.items()}
-    new_flops = estimate_flops(gm, cg, counts)
     (output,) = [n for n in gm.graph.nodes if n.op == "output"]
     expected = [node_shape(n)[1:] for n in _flat(output.args) if node_shape(n) is not None]
     original = copy.deepcopy(gm) if cfg.compensate and not ctx.replay else None
@@ -507,8 +601,7 @@ def prune(gm: fx.GraphModule, cfg: PruneConfig, ctx: PassContext) -> fx.GraphMod
     total = sum(g.size for g in prunable)
     kept_total = sum(counts.get(g.id, g.size) for g in prunable)
     ctx.note(f"pruned {len(keep)} of {len(prunable)} prunable channel groups: {total} -> {kept_total} "
-             f"channels; {f'FLOPs {new_flops / base_flops:.3f}x' if base_flops else 'FLOPs not estimated'} "
-             f"({'replayed' if ctx.replay else f'{cfg.importance}, {cfg.scope}'}) "
+             f"channels ({'replayed' if ctx.replay else f'{cfg.importance}, {cfg.scope}'}) "
              f"in {time.perf_counter() - start:.2f} s")
     whole = [g for g in groups if not g.prunable]
     if whole:

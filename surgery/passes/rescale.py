@@ -51,6 +51,7 @@ from torch import fx, nn
 
 from ..errors import SurgeryError
 from ..graph import finalize, node_shape, propagate_shapes, set_module
+from ..report import flops_by_node
 from ..validate import (
     MAX_CHANNELS,
     ValidationError,
@@ -475,6 +476,8 @@ def rescale(gm: fx.GraphModule, cfg: RescaleConfig, ctx: PassContext) -> fx.Grap
     if min(new_size[1:]) < 1:
         raise SurgeryError(f"rescale: factor {cfg.factor} leaves no pixel of the {size[1]}x{size[2]} input")
     ctx.input_size = new_size
+    # Per-node FLOPs at the old size (the report's formulas): which compute follows the input.
+    before = flops_by_node(gm, example[:1]) if not ctx.replay and new_size != size else None
     sources = copy.deepcopy(record.get("layers", {}))
     follow = _Follow(gm, cfg, ctx, sources, _stride_hint(gm, size, new_size))
     x = torch.randn(example.shape[0], *new_size, generator=torch.Generator().manual_seed(0)).to(example)
@@ -498,4 +501,28 @@ def rescale(gm: fx.GraphModule, cfg: RescaleConfig, ctx: PassContext) -> fx.Grap
     for name, v in follow.pos_embeds.items():
         ctx.note(f"{name}: grid {'x'.join(map(str, v['grid']))} -> {'x'.join(map(str, v['new_grid']))} "
                  f"({v['prefix_tokens']} prefix tokens kept)")
+    if before is not None and sum(before.values()):
+        _scaling(gm, before, x[:1], size, new_size, cfg, ctx)
     return gm
+
+
+def _scaling(gm: fx.GraphModule, before: dict[str, int], x: torch.Tensor, size: tuple[int, ...],
+             new_size: tuple[int, ...], cfg: RescaleConfig, ctx: PassContext) -> None:
+    """The target: compute falls (or rises) with the pixels; the FLOPs that do not follow, named."""
+    after = flops_by_node(gm, x)
+    pixels = new_size[1] * new_size[2] / (size[1] * size[2])
+    shrink = pixels < 1
+    nodes = {n.name: n for n in gm.graph.nodes}
+    fixed = sorted((n for n, f in before.items() if (after.get(n, 0) >= f if shrink else after.get(n, 0) <= f)),
+                   key=lambda n: -before[n])
+    total = sum(before.values())
+    share = sum(before[n] for n in fixed) / total
+    names = [str(nodes[n].target) if n in nodes and nodes[n].op == "call_module" else n for n in fixed]
+    listed = ", ".join(names[:4]) + (f" (+{len(names) - 4} more)" if len(names) > 4 else "")
+    ctx.note(f"FLOPs {sum(after.values()) / total:.3f}x for {pixels:.3f}x the pixels (report's formulas, "
+             f"per node); {share:.1%} of the FLOPs do not {'fall' if shrink else 'rise'} with the input"
+             + (f": {listed}" if fixed else ""))
+    ctx.target = {"kind": "factor", "requested": cfg.factor, "pixels": round(pixels, 6), "expected_flops": 1.0,
+                  "bound": "less" if shrink else "more"}
+    if share >= 1.0:
+        ctx.target["cause"] = f"no counted layer follows the input size: {listed}"
