@@ -278,6 +278,26 @@ def deep_check(result: Any, x: Any, out: Any, size: tuple, extra: dict[str, Any]
     return None
 
 
+def effect_summary(effect: dict[str, Any] | None) -> dict[str, Any]:
+    """The pass's measured effect, as the report counted it: changed, FLOPs and params ratios, target."""
+    from surgery.report import target_line
+
+    if effect is None:
+        return {"changed": False, "reason": "no effect recorded", "target": None}
+    b, a = effect["before"], effect["after"]
+    out: dict[str, Any] = {
+        "changed": effect["changed"], "reason": effect.get("reason"),
+        "flops": a["flops"] / b["flops"] if b["flops"] else None,
+        "params": a["params"] / b["params"] if b["params"] else None,
+        "estimated": bool(b.get("flops_estimated") or a.get("flops_estimated")),
+        "modules": effect["rewritten"]["modules"], "target": None,
+    }
+    target = effect.get("target")
+    if target:
+        out["target"] = {"met": target["met"], "line": target_line(target)}
+    return out
+
+
 def check_changed(info: Any, cfg: Any, reference: Any, out: Any) -> str | None:
     """Failure reason for a pass that may change the function, or None when it is fine."""
     ref_t, out_t = flat_tensors(reference), flat_tensors(out)
@@ -307,6 +327,7 @@ def run_worker(name: str, result_path: Path, onnx: bool, threads: int, only: lis
     from surgery import passes as registry
     from surgery.graph import compare_outputs
     from surgery.models import LoadedModel
+    from surgery.errors import SurgeryError
     from surgery.pipeline import example_batch
 
     selected = [p for p in registry.available() if not only or p in only]
@@ -378,12 +399,16 @@ def run_worker(name: str, result_path: Path, onnx: bool, threads: int, only: lis
             x_new = x_check if new_size == size else example_batch(new_size, BATCH, seed=CHECK_SEED)
             with torch.no_grad():
                 out = result.model.eval()(x_new)
+        except SurgeryError as exc:  # the pass said, in one line, why it does not apply here
+            prog.finish(stage, t0, "refused", reason=str(exc).splitlines()[0][:REASON_LEN])
+            continue
         except Exception as exc:  # noqa: BLE001
             prog.finish(stage, t0, "fail", reason=short_reason(exc), traceback=traceback.format_exc(limit=-3))
             continue
         diff = compare_outputs(reference, out)
         notes = [n for r in result.report.get("passes", []) for n in r.get("notes", [])]
-        extra: dict[str, Any] = {"max_abs_diff": diff, "output_scale": scale, "notes": notes[:3]}
+        effect = effect_summary(result.report["passes"][-1].get("effect"))
+        extra: dict[str, Any] = {"max_abs_diff": diff, "output_scale": scale, "notes": notes[:3], "effect": effect}
         if new_size != size:
             extra["input_size"] = list(new_size)
         if is_preserving(info):
@@ -396,13 +421,17 @@ def run_worker(name: str, result_path: Path, onnx: bool, threads: int, only: lis
                          output_shapes=[list(t.shape) for t in flat_tensors(out)])
             reason = check_changed(info, cfg, reference, out)
             ok = reason is None
-        if ok and pass_name in deep:
+        if ok and effect["target"] and not effect["target"]["met"]:
+            ok, reason = False, f"target missed: {effect['target']['line']}"
+        if ok and pass_name in deep and effect["changed"]:
             extra["deep"] = True
             reason = deep_check(result, x_new, out, new_size, extra)
             ok = reason is None
         if ok:
             rewritten[pass_name] = result.model
-            prog.finish(stage, t0, "ok", **extra)
+            # A pass that ran clean but changed nothing is a no-op, not a success.
+            prog.finish(stage, t0, "ok" if effect["changed"] else "noop",
+                        **({} if effect["changed"] else {"reason": effect["reason"]}), **extra)
         else:
             rewritten[pass_name] = result.model  # still worth exporting: the graph is valid
             prog.finish(stage, t0, "fail", reason=reason, **extra)
@@ -571,20 +600,18 @@ def cell(record: dict[str, Any], col: str) -> str:
             leaves = len(st.get("leaf_fallbacks", []))
             return f"ok ({leaves} leaf fallback{'s' if leaves != 1 else ''})" if leaves else "ok"
         if col.startswith("pass:"):
+            parts = effect_parts(st.get("effect"))
             if st.get("deep"):
-                m = re.search(r"FLOPs (\d+\.\d+)x", " ".join(st.get("notes", [])))
-                parts = [f"FLOPs {m.group(1)}x"] if m else []
                 parts.append(f"onnx {st.get('onnx_exporter') or '?'} rel {st.get('onnx_rel', 0):.0e}")
                 diff = st.get("reload_diff")
                 parts.append("reload exact" if diff == 0 else f"reload {diff:.0e}")
-                return f"ok ({', '.join(parts)})"
-            if st.get("expect") != "preserving":
+            elif st.get("expect") != "preserving":
                 size = st.get("input_size")
-                return f"ok (input {'x'.join(map(str, size[1:]))})" if size else "ok"
-            note = " ".join(st.get("notes", []))
-            m = re.search(r"folded (\d+)", note)
-            extra = f"{m.group(1)} folded, " if m else ""
-            return f"ok ({extra}{st.get('max_abs_diff', 0):.1e})"
+                parts += [f"input {'x'.join(map(str, size[1:]))}"] if size else []
+            else:
+                m = re.search(r"folded (\d+)", " ".join(st.get("notes", [])))
+                parts += ([f"{m.group(1)} folded"] if m else []) + [f"{st.get('max_abs_diff', 0):.1e}"]
+            return f"ok ({', '.join(parts)})" if parts else "ok"
         if col == "onnx":
             notes = [st.get("exporter") or "?"]
             if st.get("exported") != ONNX_FROM_PASS:
@@ -594,6 +621,9 @@ def cell(record: dict[str, Any], col: str) -> str:
                 notes.append(f"rel {max(rel.values()):.0e}")
             return f"ok ({', '.join(notes)})"
     text = md_escape(reason or status)
+    if status in ("noop", "refused"):  # ran clean: no change (with why), or a clear refusal
+        short = text[:CELL_REASON_LEN - 3] + "..." if len(text) > CELL_REASON_LEN else text
+        return f"{'no-op' if status == 'noop' else 'refused'} ({short})"
     if status == "skip":
         if not reason or reason in ("trace failed", "build failed"):
             return "-"
@@ -604,6 +634,15 @@ def cell(record: dict[str, Any], col: str) -> str:
     if col == "onnx" and st.get("phase"):
         label += f" [{st['phase']}]"
     return f"**{label}** {text}"
+
+
+def effect_parts(effect: dict[str, Any] | None) -> list[str]:
+    """The measured effect in a cell: FLOPs and params after / before (~ where the FLOPs are estimated)."""
+    if not effect:
+        return []
+    mark = "~" if effect.get("estimated") else ""
+    return [f"{label} {mark}{effect[key]:.2f}x" for key, label in (("flops", "FLOPs"), ("params", "params"))
+            if effect.get(key) is not None]
 
 
 def seconds_cell(record: dict[str, Any], passes: list[str], onnx: bool) -> str:
@@ -636,29 +675,39 @@ def summarize(records: list[dict[str, Any]], passes: list[str], onnx: bool) -> d
         ok = {r["model"] for r in records if column_status(r, col)[0] == "ok"}
         attempted = {r["model"] for r in records if column_status(r, col)[0] not in ("skip",)}
         entry = {"ok": len(ok), "attempted": len(attempted), "percent": round(100 * len(ok) / n, 1) if n else 0.0}
+        if col.startswith("pass:"):  # ok = ran and changed the model; the rest, apart
+            for status in ("noop", "refused"):
+                entry[status] = sum(column_status(r, col)[0] == status for r in records)
+            entry["failed"] = len(attempted) - len(ok) - entry["noop"] - entry["refused"]
         if col != "trace" and prev_ok is not None:
             entry["ok_of_traced"] = len(ok & prev_ok)
             entry["traced"] = len(prev_ok)
         summary["columns"][col] = entry
         if col == "trace":
             prev_ok = ok
-    failures: dict[str, dict[str, list[str]]] = {}
+    for kind in ("failures", "noop", "refused"):
+        summary[kind] = _by_reason(records, cols, kind)
+    return summary
+
+
+def _by_reason(records: list[dict[str, Any]], cols: list[str], kind: str) -> dict[str, dict[str, list]]:
+    """Per column, the models of one kind (failures, noop, refused), grouped by alike reasons."""
+    failures: dict[str, dict[str, list]] = {}
     for col in cols:
         groups: dict[str, list[tuple[str, str]]] = defaultdict(list)
         for r in records:
             status, reason = column_status(r, col)
-            if status in ("ok", "skip"):
+            if (status in ("ok", "skip", "noop", "refused")) if kind == "failures" else status != kind:
                 continue
             detail = r.get("stages", {}).get(col, {}).get("detail")
             if detail:  # the exporter's message names both exporters' errors: keep more of it
                 first = detail.strip().splitlines()[0]
                 reason = f"{(reason or '').split(':')[0]}: {first[:400]}"
-            label = status if status != "fail" else ""
+            label = status if status not in ("fail", "noop", "refused") else ""
             full = f"{label.upper()}: {reason}" if label else (reason or "?")
             groups[group_key(full)].append((r["model"], full))
         failures[col] = {k: v for k, v in sorted(groups.items(), key=lambda kv: -len(kv[1]))}
-    summary["failures"] = failures
-    return summary
+    return failures
 
 
 def render_md(data: dict[str, Any]) -> str:
@@ -684,7 +733,11 @@ def render_md(data: dict[str, Any]) -> str:
         + (f" **onnx**: `export_onnx` of the {ONNX_FROM_PASS}-rewritten graph, then `check_parity` "
            f"against onnxruntime at batch {' and '.join(map(str, ONNX_BATCHES))}." if onnx else "")
         + " **input**: the model's pretrained_cfg size (kept even above 256). "
-        "**seconds**: worker wall time (per-stage seconds).",
+        "**seconds**: worker wall time (per-stage seconds). "
+        "A pass cell is **ok** only where the pass changed the model, with its measured effect (FLOPs and "
+        "params after / before, by the report's counter; ~: estimated where FlopCounterMode failed); "
+        "**no-op** (reason): ran clean and changed nothing; **refused** (reason): the pass declined with a "
+        "one-line error; **FAIL**: an exception, a failed check or a missed target.",
         "",
     ]
     head = ["family", "model", "params", "input", "trace"]
@@ -705,32 +758,17 @@ def render_md(data: dict[str, Any]) -> str:
         e = summary["columns"][col]
         name = col.removeprefix("pass:")
         text = f"**{name}** {e['ok']}/{n} ({e['percent']:.1f}%)"
-        if "traced" in e and e["traced"]:
+        if "noop" in e:
+            text = (f"**{name}** changed {e['ok']}/{n} ({e['percent']:.1f}%), {e['noop']} no-op, "
+                    f"{e['refused']} refused, {e['failed']} failed")
+        elif "traced" in e and e["traced"]:
             text += f", {e['ok_of_traced']}/{e['traced']} of traced ({100 * e['ok_of_traced'] / e['traced']:.1f}%)"
         if e["attempted"] < n:
             text += f", {n - e['attempted']} not run"
         parts.append(text)
     lines += ["", f"**Summary** over {n} models: " + " · ".join(parts) + ".", ""]
-    lines += ["## Failures by reason", ""]
-    any_fail = False
-    for col in cols:
-        groups = summary["failures"][col]
-        if not groups:
-            continue
-        any_fail = True
-        total = sum(len(v) for v in groups.values())
-        lines += [f"### {col.removeprefix('pass:')} ({total})", ""]
-        for key, items in groups.items():
-            reasons = {reason for _, reason in items}
-            if len(reasons) == 1:
-                models = ", ".join(f"`{m}`" for m, _ in items)
-                lines.append(f"- {len(items)} × {md_escape(reasons.pop())}: {models}")
-                continue
-            lines.append(f"- {len(items)} × {md_escape(key)}:")
-            lines += [f"  - `{m}`: {md_escape(reason)}" for m, reason in sorted(items)]
-        lines.append("")
-    if not any_fail:
-        lines += ["None.", ""]
+    for kind, title in (("failures", "Failures"), ("noop", "No-ops"), ("refused", "Refused")):
+        lines += [f"## {title} by reason", ""] + _reason_sections(summary[kind], cols)
     runs = meta.get("runs") or []
     if len(runs) > 1:
         lines += ["Rows come from these runs (a later run replaced the rows of the models it names, "
@@ -742,6 +780,26 @@ def render_md(data: dict[str, Any]) -> str:
     if unselected:
         lines += ["Families with no buildable model: " + ", ".join(unselected), ""]
     return "\n".join(lines)
+
+
+def _reason_sections(by_col: dict[str, dict[str, list]], cols: list[str]) -> list[str]:
+    lines: list[str] = []
+    for col in cols:
+        groups = by_col[col]
+        if not groups:
+            continue
+        total = sum(len(v) for v in groups.values())
+        lines += [f"### {col.removeprefix('pass:')} ({total})", ""]
+        for key, items in groups.items():
+            reasons = {reason for _, reason in items}
+            if len(reasons) == 1:
+                models = ", ".join(f"`{m}`" for m, _ in items)
+                lines.append(f"- {len(items)} × {md_escape(reasons.pop())}: {models}")
+                continue
+            lines.append(f"- {len(items)} × {md_escape(key)}:")
+            lines += [f"  - `{m}`: {md_escape(reason)}" for m, reason in sorted(items)]
+        lines.append("")
+    return lines or ["None.", ""]
 
 
 def versions() -> dict[str, str]:
@@ -917,7 +975,8 @@ def main(argv: list[str] | None = None) -> int:
 
 def print_summary(summary: dict[str, Any]) -> None:
     for col, e in summary["columns"].items():
-        print(f"{col.removeprefix('pass:'):>8}: {e['ok']}/{summary['models']} ({e['percent']:.1f}%)")
+        rest = f", {e['noop']} no-op, {e['refused']} refused, {e['failed']} failed" if "noop" in e else ""
+        print(f"{col.removeprefix('pass:'):>8}: {e['ok']}/{summary['models']} ({e['percent']:.1f}%){rest}")
 
 
 if __name__ == "__main__":

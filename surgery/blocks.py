@@ -36,6 +36,7 @@ import torch
 from torch import fx, nn
 
 from .errors import SurgeryError
+from .progress import bar
 from .graph import finalize, node_shape, output_tensors
 
 _ADD_FUNCTIONS = {operator.add, operator.iadd, torch.add}
@@ -488,7 +489,7 @@ def _norm2(t: torch.Tensor) -> float:
 
 
 def identity_scores(gm: fx.GraphModule, structure: Structure, batches: Iterable[torch.Tensor],
-                    *, output_change: bool = False, progress: bool = False) -> dict[str, dict[str, float]]:
+                    *, output_change: bool = False) -> dict[str, dict[str, float]]:
     """For each collapsible block: ``branch`` = ||out - x|| / ||x|| (residual blocks) and, with
     ``output_change`` (always for dense layers), ``output`` = ||y' - y|| / ||y||: the relative
     change of the model's output when the block alone is collapsed. Sums run over all batches.
@@ -526,12 +527,7 @@ def identity_scores(gm: fx.GraphModule, structure: Structure, batches: Iterable[
 
                     cg = build(gm)
                     groups = _dense_groups(cg, gm, [b for b in todo if b.kind == "dense"])
-                iterator = todo
-                if progress:
-                    from tqdm.auto import tqdm
-
-                    iterator = tqdm(todo, desc="identity", unit="block")
-                for b in iterator:
+                for b in bar(todo, "identity scores", unit="block"):
                     diff = 0.0
                     if b.kind == "residual":
                         skip = {r.add: r.skip_index for r in b.residuals}

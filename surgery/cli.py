@@ -392,6 +392,9 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO,
                         format="[surgery] %(message)s", stream=sys.stderr)
+    from . import progress
+
+    progress.set_enabled(False if args.quiet else None)  # None: on at a terminal or SURGERY_PROGRESS=1
     from .errors import Interrupted, SurgeryError
     from .export import ParityError
 

@@ -40,6 +40,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
 
 from .errors import SurgeryError
+from .progress import bar
 
 log = logging.getLogger(__name__)
 
@@ -508,7 +509,8 @@ def load_calibration(spec: str, example: torch.Tensor, n_images: int, batch_size
         raise SurgeryError(f"{who}: calibration images are RGB but the model takes {example.shape[1]} channels")
     with torch.random.fork_rng():
         torch.manual_seed(seed)  # the training transforms are random: same plan on every run
-        items = [data.train[i] for i in range(min(n_images, len(data.train)))]
+        items = [data.train[i] for i in bar(range(min(n_images, len(data.train))), f"{who}: calibration images",
+                                                unit="img")]
     batches = []
     for i in range(0, len(items), batch_size):
         chunk = items[i:i + batch_size]

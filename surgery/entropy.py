@@ -62,9 +62,9 @@ def dataset_entropy(spec: str, *, bits: bool = False, progress: bool = False,
     report = SkipReport(spec)
     source = images if images is not None else raw_images(spec, report=report)
     if progress:
-        from tqdm.auto import tqdm
+        from .progress import bar
 
-        source = tqdm(source, desc="entropy", unit="img")
+        source = bar(source, "entropy", unit="img")
     values = np.fromiter((image_entropy(img, base=base) for img in source), dtype=np.float64)
     if values.size == 0:
         raise SurgeryError(f"no readable image in {report.summary() or spec}")

@@ -29,6 +29,7 @@ from torch import nn
 
 from .errors import SurgeryError
 from .graph import output_tensors
+from .progress import Steps
 from .safeio import atomic_file, check_parent
 
 if TYPE_CHECKING:
@@ -45,6 +46,9 @@ EXPORTER_KEY = "surgery.exporter"
 SINGLE_FILE_LIMIT = 2**31 - 2**26
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")
 _CLASS_LINE = re.compile(r"^<class '(?:[\w.]*\.)?(\w+)'>: (.*)$")
+
+
+VERIFY_STEPS = ("check", "parity", "latency")
 
 
 class ParityError(RuntimeError):
@@ -283,9 +287,10 @@ def export_onnx(
 def export_verified(model: nn.Module, path: str | Path, input_shape: tuple[int, ...], **verify: Any) -> dict[str, Any]:
     """Export and verify (checker, parity, latency); ``path`` is replaced only if all of it passed."""
     path = Path(path)
-    with atomic_file(path) as tmp:
-        export_onnx(model, torch.randn(1, *input_shape, generator=torch.Generator().manual_seed(0)), tmp)
-        result = verify_onnx(model, tmp, input_shape, **verify)
+    with atomic_file(path) as tmp, Steps("onnx", 1 + len(VERIFY_STEPS)) as progress:
+        with progress.step("export"):
+            export_onnx(model, torch.randn(1, *input_shape, generator=torch.Generator().manual_seed(0)), tmp)
+        result = verify_onnx(model, tmp, input_shape, progress=progress, **verify)
     result["path"] = str(path)
     return result
 
@@ -433,19 +438,29 @@ def verify_onnx(
     *,
     batch_sizes: Sequence[int] = (1, 4),
     rtol: float = 1e-4,
+    progress: Steps | None = None,
 ) -> dict[str, Any]:
-    """Checker, parity and batch-1 latency (ONNX Runtime vs torch) as a JSON-able dict."""
+    """Checker, parity and batch-1 latency (ONNX Runtime vs torch) as a JSON-able dict.
+
+    ``progress``: the caller's bar (export_verified's), else one of its own.
+    """
     path = Path(path)
     if not path.is_file():
         raise SurgeryError(f"{path} does not exist; export the model first")
-    # The checker before the session: it names what is wrong with a damaged file.
-    try:
-        onnx.checker.check_model(str(path), full_check=True)
-    except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as exc:
-        raise SurgeryError(f"{path} is not a valid ONNX model ({_short(exc)}); re-export it") from exc
-    proto = onnx.load(str(path), load_external_data=False)
-    session = onnx_session(path)
-    parity = _parity(model, session, input_shape, batch_sizes, rtol, seed=0)
+    with contextlib.nullcontext(progress) if progress is not None else Steps("onnx", len(VERIFY_STEPS)) as steps:
+        # The checker before the session: it names what is wrong with a damaged file.
+        with steps.step(VERIFY_STEPS[0]):
+            try:
+                onnx.checker.check_model(str(path), full_check=True)
+            except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as exc:
+                raise SurgeryError(f"{path} is not a valid ONNX model ({_short(exc)}); re-export it") from exc
+            proto = onnx.load(str(path), load_external_data=False)
+            session = onnx_session(path)
+        with steps.step(VERIFY_STEPS[1]):
+            parity = _parity(model, session, input_shape, batch_sizes, rtol, seed=0)
+        with steps.step(VERIFY_STEPS[2]):
+            latency = {"onnxruntime": _ort_latency_ms(session, input_shape, 1, warmup=3, runs=10),
+                       "torch": _torch_latency_ms(model, input_shape, 1, warmup=3, runs=10)}
     return {
         "path": str(path),
         "bytes": _file_bytes(path, proto),
@@ -453,8 +468,5 @@ def verify_onnx(
         "opset": _opset(proto),
         "providers": session.get_providers(),
         "parity": parity,
-        "latency_ms": {
-            "onnxruntime": _ort_latency_ms(session, input_shape, 1, warmup=3, runs=10),
-            "torch": _torch_latency_ms(model, input_shape, 1, warmup=3, runs=10),
-        },
+        "latency_ms": latency,
     }

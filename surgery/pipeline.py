@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -16,6 +17,7 @@ from . import passes as registry
 from .errors import SurgeryError
 from .graph import propagate_shapes, trace
 from .models import LoadedModel, build_source, load_model
+from .progress import Steps
 from .recipe import RECIPE_FORMAT
 from .report import compare_models, count_model
 from .validate import ValidationError, expect_dict
@@ -170,36 +172,46 @@ def check_target(target: dict[str, Any], before: dict, after: dict) -> dict[str,
 
 def _run_passes(gm: fx.GraphModule, steps: list[tuple[registry.PassInfo, Any, dict | None]],
                 example: torch.Tensor, data: str | None = None, *, counts: dict[str, Any] | None = None,
-                ) -> tuple[fx.GraphModule, list[dict[str, Any]], torch.Tensor]:
+                progress: Steps | None = None) -> tuple[fx.GraphModule, list[dict[str, Any]], torch.Tensor]:
     """Run passes in order; a pass that changes the input size (rescale) changes the example too.
 
     With ``counts`` (the input model's :func:`report.count_model`), each record gets its
     ``effect``: one count per pass boundary, the after of a pass the before of the next.
+    ``progress``: each pass (with its count) is one step of it.
     """
     records = []
     for i, (info, cfg, plan) in enumerate(steps):
-        size = tuple(example.shape[1:])
-        # A replay's steps are all the recipe's passes (rebuild): i is the index in recipe["passes"].
-        where = f"$.passes[{i}].plan" if plan is not None else "plan"
-        ctx = registry.PassContext(example_inputs=(example,), plan=dict(plan or {}), replay=plan is not None,
-                                   input_size=size, data=data, where=where)
-        previous = gm
-        gm = info.run(gm, cfg, ctx)
-        if not isinstance(gm, fx.GraphModule):
-            raise TypeError(f"pass {info.name} returned {type(gm).__name__}, not a GraphModule")
-        record = {"pass": info.name, "config": registry.config_to_dict(cfg), "plan": ctx.plan, "notes": ctx.notes}
-        if tuple(ctx.input_size) != size:
-            example = example_batch(ctx.input_size, batch=example.shape[0])
-            record["input_size"] = list(ctx.input_size)
-        gm.eval()
-        propagate_shapes(gm, example)
-        if counts is not None:
-            after = count_model(gm, tuple(example.shape[1:]))
-            record["effect"] = _effect(counts, after, rewritten(previous, gm), (size, tuple(example.shape[1:])),
-                                       ctx.reason, ctx.target)
-            counts = after
+        with progress.step(info.name) if progress is not None else contextlib.nullcontext():
+            gm, record, example, counts = _run_pass(gm, i, info, cfg, plan, example, data, counts)
         records.append(record)
     return gm, records, example
+
+
+def _run_pass(gm: fx.GraphModule, i: int, info: registry.PassInfo, cfg: Any, plan: dict | None,
+              example: torch.Tensor, data: str | None, counts: dict[str, Any] | None,
+              ) -> tuple[fx.GraphModule, dict[str, Any], torch.Tensor, dict[str, Any] | None]:
+    """One pass on its copy of the graph: its record (and effect, with ``counts``), the example after it."""
+    size = tuple(example.shape[1:])
+    # A replay's steps are all the recipe's passes (rebuild): i is the index in recipe["passes"].
+    where = f"$.passes[{i}].plan" if plan is not None else "plan"
+    ctx = registry.PassContext(example_inputs=(example,), plan=dict(plan or {}), replay=plan is not None,
+                               input_size=size, data=data, where=where)
+    previous = gm
+    gm = info.run(gm, cfg, ctx)
+    if not isinstance(gm, fx.GraphModule):
+        raise TypeError(f"pass {info.name} returned {type(gm).__name__}, not a GraphModule")
+    record = {"pass": info.name, "config": registry.config_to_dict(cfg), "plan": ctx.plan, "notes": ctx.notes}
+    if tuple(ctx.input_size) != size:
+        example = example_batch(ctx.input_size, batch=example.shape[0])
+        record["input_size"] = list(ctx.input_size)
+    gm.eval()
+    propagate_shapes(gm, example)
+    if counts is not None:
+        after = count_model(gm, tuple(example.shape[1:]))
+        record["effect"] = _effect(counts, after, rewritten(previous, gm), (size, tuple(example.shape[1:])),
+                                   ctx.reason, ctx.target)
+        counts = after
+    return gm, record, example, counts
 
 
 def apply(
@@ -216,7 +228,9 @@ def apply(
 
     ``model`` is an nn.Module, a spec for :func:`surgery.load_model` or a LoadedModel.
     ``passes``: "name:key=value,..." strings, (name, options) pairs or config objects.
-    With ``measure`` the report has params, FLOPs, CPU latency (unless ``latency=False``) and output drift.
+    Every pass record has its measured ``effect`` (params, MACs, FLOPs before/after, what it rewrote);
+    with ``measure`` the report also has the totals, CPU latency (unless ``latency=False``) and output
+    drift. ``report["seconds"]``: where the time went, step by step.
     ``data`` (digits or an ImageFolder path) is the calibration data for passes that use it.
     """
     steps = resolve_passes(passes)  # bad pass specs fail before any slow work
@@ -239,12 +253,22 @@ def apply(
                             + (f" with {names}" if names else ""))
     example = example_inputs if example_inputs is not None else example_batch(loaded.input_size)
     leaf_modules = list(loaded.source.get("leaf_modules", []))
-    gm = _to_graph(loaded, example, leaf_modules)
-    if not isinstance(loaded.model, fx.GraphModule):
-        leaf_modules = gm.meta["surgery"].leaf_fallbacks
-    first = count_model(loaded.model, tuple(loaded.input_size))
-    gm, records, final_example = _run_passes(gm, [(info, cfg, None) for info, cfg in steps], example, data,
-                                             counts=first)
+    with Steps(f"apply {loaded.name}", 2 + len(steps) + bool(measure)) as progress:
+        with progress.step("trace"):
+            gm = _to_graph(loaded, example, leaf_modules)
+        if not isinstance(loaded.model, fx.GraphModule):
+            leaf_modules = gm.meta["surgery"].leaf_fallbacks
+        with progress.step("count"):
+            first = count_model(loaded.model, tuple(loaded.input_size))
+        gm, records, final_example = _run_passes(gm, [(info, cfg, None) for info, cfg in steps], example, data,
+                                                 counts=first, progress=progress)
+        measured = {}
+        if measure:
+            # The totals are the first and last pass boundaries' counts: one counter, counted once.
+            last = records[-1]["effect"]["after"] if records else first
+            with progress.step("latency and drift" if latency else "drift"):
+                measured = compare_models(loaded.model, gm, loaded.input_size, tuple(final_example.shape[1:]),
+                                          latency=latency, counts=(first, last))
     source = dict(loaded.source)
     source.setdefault("input_size", list(loaded.input_size))  # the size the source is traced at
     if leaf_modules:
@@ -255,13 +279,19 @@ def apply(
         "input_size": list(final_example.shape[1:]),
         "passes": loaded.passes + [{k: v for k, v in r.items() if k not in ("notes", "effect")} for r in records],
     }
-    report: dict[str, Any] = {"model": loaded.name, "passes": records}
-    if measure:
-        # The totals are the first and last pass boundaries' counts: one counter, counted once.
-        last = records[-1]["effect"]["after"] if records else first
-        report.update(compare_models(loaded.model, gm, loaded.input_size, tuple(final_example.shape[1:]),
-                                     latency=latency, counts=(first, last)))
+    report: dict[str, Any] = {"model": loaded.name, "passes": records, **measured,
+                              "seconds": {name: t for name, t in _unique(progress.timings)}}
     return SurgeryResult(model=gm, report=report, recipe=recipe, original=loaded.model)
+
+
+def _unique(timings: list[tuple[str, float]]) -> list[tuple[str, float]]:
+    """Step names made unique for a dict (a pass applied twice: prune, prune #2)."""
+    seen: dict[str, int] = {}
+    out = []
+    for name, t in timings:
+        seen[name] = seen.get(name, 0) + 1
+        out.append((name if seen[name] == 1 else f"{name} #{seen[name]}", t))
+    return out
 
 
 def rebuild(recipe: dict[str, Any], base_model: nn.Module | None = None) -> fx.GraphModule:

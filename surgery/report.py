@@ -16,6 +16,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import FlopCounterMode, flop_registry, sdpa_flop, shape_wrapper
 
 from .graph import compare_outputs, output_tensors
+from .progress import bar
 
 LATENCY_BATCHES = (1, 8)
 
@@ -264,7 +265,7 @@ def compare_latency(original: nn.Module, rewritten: nn.Module, input_size: tuple
                     m(x)
                 times: tuple[list[float], list[float]] = ([], [])
                 deadline = time.perf_counter() + max_seconds
-                for r in range(runs):
+                for r in bar(range(runs), f"latency b={b}", unit="run"):
                     for i in ((0, 1) if r % 2 == 0 else (1, 0)):
                         start = time.perf_counter()
                         models[i](xs[i])
@@ -365,6 +366,8 @@ def format_table(report: dict[str, Any]) -> str:
         if report[side].get("flops_estimated"):
             lines.append(f"FLOPs {side} estimated: {report[side].get('flops_error', 'FlopCounterMode failed')}; "
                          f"counted by {report[side].get('flops_method')}")
+    if report.get("seconds"):
+        lines.append("time: " + ", ".join(f"{name} {t:.1f} s" for name, t in report["seconds"].items()))
     for step in report.get("passes", []):
         effect = step.get("effect")
         if effect:

@@ -27,7 +27,11 @@ def plain_net():
     return nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 6 * 6, 2)).eval()
 
 
-@pytest.mark.parametrize("spec, reason", [("fuse", "no BatchNorm"), ("ebcle:depth=1", "no residual")])
+@pytest.mark.parametrize("spec, reason", [
+    ("fuse", "no BatchNorm"), ("ebcle:depth=1", "no residual"),
+    ("prune", "all 1 prunable group(s) kept every channel (at ratio 0.3, round_to=8)"),
+    ("rescale:factor=1.04", "factor 1.04 keeps the input at 8x8"),
+    ("bilinear:targets=conv1x1", "no layer matches targets=conv1x1")])
 def test_a_pass_with_nothing_to_do_reports_no_change(spec, reason):
     net, x = plain_net(), torch.randn(1, 3, 8, 8)
     result = surgery.apply(net, [spec], example_inputs=x)

@@ -618,6 +618,9 @@ def bilinear(gm: fx.GraphModule, cfg: BilinearConfig, ctx: PassContext) -> fx.Gr
         ctx.plan["layers"] = entries
         ctx.plan["widened"] = widened
         _notes(ctx, entries, widened, left, cfg)
+        if not entries:
+            kept = ", ".join(f"{n} ({why})" for why, n in left.items())
+            ctx.reason = f"no layer matches targets={'+'.join(cfg.targets)}" + (f"; left dense: {kept}" if kept else "")
     return gm
 
 

@@ -28,6 +28,7 @@ from ..data import load_calibration
 from ..entropy import MAX_NATS
 from ..errors import SurgeryError
 from ..graph import compare_outputs, propagate_shapes
+from ..progress import enabled as progress_enabled
 from ..report import flops_by_node
 from ..validate import (
     MAX_CHANNELS,
@@ -390,7 +391,7 @@ def ebcle(gm: fx.GraphModule, cfg: EbcleConfig, ctx: PassContext) -> fx.GraphMod
         if entropy is None and spec:
             from ..entropy import dataset_entropy
 
-            stats = dataset_entropy(spec)
+            stats = dataset_entropy(spec, progress=progress_enabled())
             entropy = stats.mean
             ctx.note(f"entropy of {spec}: {stats.mean:.4f} nats (std {stats.std:.4f}, {stats.images} images; "
                      f"max ln 256 = {MAX_NATS:.3f})")

@@ -25,6 +25,7 @@ from ..channels import ChannelGraph, Group, Member, build, format_ranges
 from ..data import Calibration, load_calibration
 from ..errors import SurgeryError
 from ..graph import finalize, get_module, node_shape
+from ..progress import bar
 from ..report import count_model
 from ..validate import MAX_CHANNELS, ValidationError, at, expect_dict, expect_int, expect_number, expect_ranges
 from . import PassContext, register
@@ -164,7 +165,7 @@ def _taylor(gm: fx.GraphModule, members: list[Member], calib: Calibration) -> li
     for t in tensors:
         t.requires_grad_(True)
     try:
-        for images, labels in calib.batches:
+        for images, labels in bar(calib.batches, "prune: taylor importance", unit="batch"):
             logits = gm(images)
             target = labels if logits.shape[-1] == calib.num_classes else logits.argmax(-1).detach()
             loss = torch.nn.functional.cross_entropy(logits, target)
@@ -262,7 +263,7 @@ def compensate(original: fx.GraphModule, pruned: fx.GraphModule, consumers: dict
     original.eval()
     pruned.eval()
     try:
-        for name, out_mask in consumers.items():
+        for name, out_mask in bar(consumers.items(), "prune: compensate", total=len(consumers), unit="layer"):
             gram = cross = None
             for i, (images, _) in enumerate(calib.batches):
                 x, xp = _layer_input(original, name, images, i), _layer_input(pruned, name, images, i)
@@ -443,7 +444,7 @@ def _flops_search(gm: fx.GraphModule, cg: ChannelGraph, choices: list[_Choice], 
                                "no conv, linear or attention FLOPs to count")
         return ratio, counts
     goal, best, history = target, None, []
-    for _ in range(COUNTER_ROUNDS):
+    for _ in bar(range(COUNTER_ROUNDS), "prune: FLOPs search (counted)", unit="round"):
         budget = goal * base_est
         if estimate(counts_at(cfg.max_ratio)) > budget:
             ratio, counts, reach = cfg.max_ratio, counts_at(cfg.max_ratio), False
@@ -606,6 +607,10 @@ def prune(gm: fx.GraphModule, cfg: PruneConfig, ctx: PassContext) -> fx.GraphMod
     whole = [g for g in groups if not g.prunable]
     if whole:
         ctx.note(f"{len(whole)} group(s) left whole: {_reason_summary(whole)}")
+    if not keep:
+        ctx.reason = (f"no prunable channel group; {len(whole)} group(s) kept whole: {_reason_summary(whole)}"
+                      if not prunable else f"all {len(prunable)} prunable group(s) kept every channel "
+                      f"(at ratio {ctx.plan.get('ratio', 0):g}, round_to={cfg.round_to})")
     small = [g for g in prunable if g.id not in keep]
     if small and not ctx.replay:
         ctx.note(f"{len(small)} prunable group(s) kept all channels (round_to={cfg.round_to} or "

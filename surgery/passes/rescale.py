@@ -501,6 +501,8 @@ def rescale(gm: fx.GraphModule, cfg: RescaleConfig, ctx: PassContext) -> fx.Grap
     for name, v in follow.pos_embeds.items():
         ctx.note(f"{name}: grid {'x'.join(map(str, v['grid']))} -> {'x'.join(map(str, v['new_grid']))} "
                  f"({v['prefix_tokens']} prefix tokens kept)")
+    if tuple(new_size) == tuple(size):
+        ctx.reason = f"factor {cfg.factor:g} keeps the input at {size[1]}x{size[2]} (rounded to whole pixels)"
     if before is not None and sum(before.values()):
         _scaling(gm, before, x[:1], size, new_size, cfg, ctx)
     return gm
