@@ -143,10 +143,9 @@ def write_artifact(
         recipe = dict(recipe)
         recipe["weights"] = {"file": WEIGHTS, "sha256": sha256_file(tmp / WEIGHTS)}
         if onnx:
-            from .export import export_onnx, verify_onnx
+            from .export import export_and_verify
 
-            export_onnx(model, torch.randn(1, *input_size), tmp / ONNX)
-            report["onnx"] = verify_onnx(model, tmp / ONNX, input_size)
+            report["onnx"] = export_and_verify(model, tmp / ONNX, input_size)
             report["onnx"]["path"] = str(out / ONNX)
             recipe["onnx"] = {"file": ONNX, "sha256": sha256_file(tmp / ONNX)}
         recipe["versions"] = {"surgery": __version__, "torch": torch.__version__.split("+")[0]}

@@ -287,12 +287,18 @@ def export_onnx(
 def export_verified(model: nn.Module, path: str | Path, input_shape: tuple[int, ...], **verify: Any) -> dict[str, Any]:
     """Export and verify (checker, parity, latency); ``path`` is replaced only if all of it passed."""
     path = Path(path)
-    with atomic_file(path) as tmp, Steps("onnx", 1 + len(VERIFY_STEPS)) as progress:
-        with progress.step("export"):
-            export_onnx(model, torch.randn(1, *input_shape, generator=torch.Generator().manual_seed(0)), tmp)
-        result = verify_onnx(model, tmp, input_shape, progress=progress, **verify)
+    with atomic_file(path) as tmp:
+        result = export_and_verify(model, tmp, input_shape, **verify)
     result["path"] = str(path)
     return result
+
+
+def export_and_verify(model: nn.Module, path: Path, input_shape: tuple[int, ...], **verify: Any) -> dict[str, Any]:
+    """Export to ``path`` and verify it (checker, parity, latency), one progress bar over the steps."""
+    with Steps("onnx", 1 + len(VERIFY_STEPS)) as progress:
+        with progress.step("export"):
+            export_onnx(model, torch.randn(1, *input_shape, generator=torch.Generator().manual_seed(0)), path)
+        return verify_onnx(model, path, input_shape, progress=progress, **verify)
 
 
 def onnx_session(path: str | Path) -> onnxruntime.InferenceSession:
