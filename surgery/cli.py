@@ -23,7 +23,11 @@ log = logging.getLogger("surgery")
 
 def _model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("model", help="timm model name, torchvision:NAME, or an artifact folder from --out")
-    p.add_argument("--weights", help="weights to load: .safetensors or a state-dict .pth")
+    p.add_argument("--weights", help="weights to load: .safetensors or a state-dict .pth (a training checkpoint "
+                                     "too); for torchvision: a weights name such as IMAGENET1K_V2")
+    p.add_argument("--pretrained", action="store_true",
+                   help="the library's pretrained weights by name (timm: resnet50.a1_in1k, hf-hub:org/name; "
+                        "torchvision: DEFAULT), from its cache (HF_HOME, TORCH_HOME; offline: HF_HUB_OFFLINE=1)")
     p.add_argument("--num-classes", type=limits.num_classes_arg, help="classifier size (default: the model's)")
     p.add_argument("--input-size", help="input as H, HxW or CxHxW (default: the model's pretrained_cfg)")
     p.add_argument("--json", action="store_true", help="print the result as JSON on stdout")
@@ -179,7 +183,7 @@ def _load(args: argparse.Namespace):
     from .models import load_model
 
     return load_model(args.model, weights=args.weights, num_classes=args.num_classes,
-                      input_size=args.input_size)
+                      input_size=args.input_size, pretrained=args.pretrained)
 
 
 def _inputs(args: argparse.Namespace) -> list[str]:
@@ -337,7 +341,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     from .tasks import train
 
     result = train(args.model, args.data, _train_config(args), out=args.out, num_classes=args.num_classes,
-                   input_size=args.input_size, weights=args.weights, resume=args.resume, force=args.force,
+                   input_size=args.input_size, weights=args.weights, pretrained=args.pretrained,
+                   resume=args.resume, force=args.force,
                    resume_anyway=args.resume_anyway,
                    limit=args.limit, schedule=_schedule(args), protect=_inputs(args))
     _print_metrics(args, {"metrics": result.metrics, "seconds": result.seconds, "history": result.history},
@@ -390,8 +395,16 @@ COMMANDS = {
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO,
-                        format="[surgery] %(message)s", stream=sys.stderr)
+    # Our own steps at INFO; other libraries' loggers only from WARNING, under their names.
+    logging.basicConfig(level=logging.WARNING, format="%(name)s: %(message)s", stream=sys.stderr)
+    for handler in [h for h in log.handlers if getattr(h, "surgery_cli", False)]:
+        log.removeHandler(handler)  # main() called again in one process: one handler, on today's stderr
+    ours = logging.StreamHandler(sys.stderr)
+    ours.setFormatter(logging.Formatter("[surgery] %(message)s"))
+    ours.surgery_cli = True  # type: ignore[attr-defined]
+    log.addHandler(ours)
+    log.setLevel(logging.WARNING if args.quiet else logging.INFO)
+    log.propagate = False
     from . import progress
 
     progress.set_enabled(False if args.quiet else None)  # None: on at a terminal or SURGERY_PROGRESS=1

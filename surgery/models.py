@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import difflib
 import logging
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -56,10 +57,38 @@ def parse_input_size(value: str | tuple | list | int | None) -> tuple[int, int, 
     return value  # type: ignore[return-value]
 
 
-def _timm_model(name: str, num_classes: int | None, input_size: tuple | None) -> tuple[nn.Module, dict]:
+HF_HUB = "hf-hub:"
+
+
+def _short(exc: BaseException) -> str:
+    lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
+    return f"{type(exc).__name__}: {lines[0][:160]}" if lines else type(exc).__name__
+
+
+def _timm_weights_missing(name: str, exc: BaseException) -> SurgeryError:
+    """One line for pretrained timm weights that are neither cached nor downloadable: what, and where to."""
+    from huggingface_hub import constants
+
+    try:
+        import timm
+
+        cfg = None if name.startswith(HF_HUB) else timm.get_pretrained_cfg(name)
+        repo = name.removeprefix(HF_HUB) if cfg is None else (cfg.hf_hub_id or cfg.url or name)
+    except Exception:  # noqa: BLE001 - the message must come out whatever the name
+        repo = name
+    folder = Path(constants.HF_HUB_CACHE) / f"models--{str(repo).replace('/', '--')}"
+    offline = " (HF_HUB_OFFLINE is set)" if constants.HF_HUB_OFFLINE else ""
+    return SurgeryError(
+        f"pretrained weights for {name} are not in the cache and cannot be downloaded{offline} ({_short(exc)}); "
+        f"on a machine with internet run `python -c \"import timm; timm.create_model('{name}', pretrained=True)\"` "
+        f"and copy {folder} here (HF_HOME sets the cache; HF_HUB_OFFLINE=1 fails fast without a network)")
+
+
+def _timm_model(name: str, num_classes: int | None, input_size: tuple | None,
+                pretrained: bool = False) -> tuple[nn.Module, dict]:
     import timm
 
-    if not timm.is_model(name):
+    if not name.startswith(HF_HUB) and not timm.is_model(name):
         close = difflib.get_close_matches(name, timm.list_models(), n=3, cutoff=0.6)
         hint = f"did you mean {', '.join(close)}? " if close else ""
         raise SurgeryError(f"unknown model {name!r}; {hint}see timm.list_models() or use torchvision:NAME")
@@ -68,28 +97,58 @@ def _timm_model(name: str, num_classes: int | None, input_size: tuple | None) ->
         kwargs["num_classes"] = num_classes
     if input_size is not None:
         kwargs["in_chans"] = input_size[0]
-    default = timm.get_pretrained_cfg(name)
+    default = None if name.startswith(HF_HUB) else timm.get_pretrained_cfg(name)
     default_size = tuple(default.input_size) if default is not None and default.input_size else None
     if input_size is not None and default_size is not None and tuple(input_size[1:]) != default_size[1:]:
         # Models with position embeddings or windows need the size at construction;
         # the others refuse the argument (TypeError) and are built without it.
         kwargs["img_size"] = tuple(input_size[1:])
     try:
-        model = timm.create_model(name, pretrained=False, **kwargs)
-    except TypeError as exc:
-        if "img_size" in kwargs and "img_size" in str(exc):
-            kwargs.pop("img_size")
-            model = timm.create_model(name, pretrained=False, **kwargs)
-        else:
-            raise
-    except (ValueError, AssertionError, RuntimeError) as exc:
+        try:
+            model = timm.create_model(name, pretrained=pretrained, **kwargs)
+        except TypeError as exc:
+            if "img_size" in kwargs and "img_size" in str(exc):
+                kwargs.pop("img_size")
+                model = timm.create_model(name, pretrained=pretrained, **kwargs)
+            else:
+                raise
+    except OSError as exc:  # huggingface_hub's cache misses and network errors are OSErrors
+        raise _timm_weights_missing(name, exc) from None
+    except RuntimeError as exc:
+        if "No pretrained weights exist" in str(exc):
+            raise SurgeryError(f"timm has no pretrained weights for {name}; pick a tagged name (timm.list_pretrained"
+                               f"('{name.split('.')[0]}*')) or drop --pretrained") from None
+        raise SurgeryError(f"cannot build {name} with {kwargs}: {str(exc).splitlines()[0][:200]}") from None
+    except (ValueError, AssertionError) as exc:
         raise SurgeryError(f"cannot build {name} with {kwargs}: {str(exc).splitlines()[0][:200]}") from None
     if "img_size" in kwargs:
         kwargs["img_size"] = list(kwargs["img_size"])
-    return model, {"kind": "timm", "name": name, "kwargs": kwargs}
+    source: dict[str, Any] = {"kind": "timm", "name": name, "kwargs": kwargs}
+    if name.startswith(HF_HUB):  # rebuilt by architecture where that gives the same shapes (no hub needed)
+        arch = {**source, "name": (getattr(model, "pretrained_cfg", None) or {}).get("architecture", name)}
+        if arch["name"] != name and _rebuilds(model, arch):
+            source = arch
+    if pretrained:
+        source["weights"] = {"kind": "timm", "name": name}
+    return model, source
 
 
-def _torchvision_model(name: str, num_classes: int | None) -> tuple[nn.Module, dict]:
+def torchvision_weights(name: str, choice: str) -> Any:
+    """The weights enum member ``choice`` (IMAGENET1K_V2, DEFAULT) of torchvision model ``name``."""
+    import torchvision
+
+    try:
+        enum = torchvision.models.get_model_weights(name)
+    except (ValueError, KeyError):
+        raise SurgeryError(f"torchvision has no pretrained weights for {name}; drop --pretrained") from None
+    members = [m.name for m in enum]
+    key = choice.split(".")[-1]  # ResNet50_Weights.IMAGENET1K_V2 or IMAGENET1K_V2
+    if key != "DEFAULT" and key not in members:
+        raise SurgeryError(f"torchvision {name} has no weights {choice!r}; choose from {', '.join(members)} or DEFAULT")
+    return enum[key] if key != "DEFAULT" else enum.DEFAULT
+
+
+def _torchvision_model(name: str, num_classes: int | None, weights: str | None = None) -> tuple[nn.Module, dict]:
     import torchvision
 
     names = torchvision.models.list_models()
@@ -100,8 +159,28 @@ def _torchvision_model(name: str, num_classes: int | None) -> tuple[nn.Module, d
     kwargs: dict[str, Any] = {"weights": None}
     if num_classes is not None:
         kwargs["num_classes"] = num_classes
-    model = torchvision.models.get_model(name, **kwargs)
-    return model, {"kind": "torchvision", "name": name, "kwargs": {k: v for k, v in kwargs.items() if k != "weights"}}
+    member = torchvision_weights(name, weights) if weights else None
+    if member is not None:
+        classes = len(member.meta.get("categories") or [])
+        if num_classes is not None and num_classes != classes:
+            raise SurgeryError(f"torchvision's pretrained {name} has {classes} classes, not {num_classes}: drop "
+                               f"--num-classes and add --pass head:num_classes={num_classes}")
+        kwargs = {"weights": member}
+        try:
+            model = torchvision.models.get_model(name, **kwargs)
+        except OSError as exc:  # URLError: not cached, no network
+            from torch import hub
+
+            file = Path(hub.get_dir()) / "checkpoints" / Path(member.url).name
+            raise SurgeryError(f"pretrained weights {name} {member.name} are not in the cache and cannot be "
+                               f"downloaded ({_short(exc)}); download {member.url} to {file} (TORCH_HOME sets "
+                               "the cache)") from None
+    else:
+        model = torchvision.models.get_model(name, **kwargs)
+    source = {"kind": "torchvision", "name": name, "kwargs": {k: v for k, v in kwargs.items() if k != "weights"}}
+    if member is not None:
+        source["weights"] = {"kind": "torchvision", "name": f"{type(member).__name__}.{member.name}"}
+    return model, source
 
 
 def build_source(source: dict[str, Any]) -> nn.Module:
@@ -112,7 +191,7 @@ def build_source(source: dict[str, Any]) -> nn.Module:
     if kind == "timm":
         import timm
 
-        if not isinstance(name, str) or not timm.is_model(name):
+        if not isinstance(name, str) or not (name.startswith(HF_HUB) or timm.is_model(name)):
             raise SurgeryError(f"recipe names an unknown timm model {name!r}; the recipe is damaged")
         if "img_size" in kwargs:
             kwargs["img_size"] = tuple(kwargs["img_size"])
@@ -171,8 +250,35 @@ def _rebuilds(model: nn.Module, source: dict[str, Any]) -> bool:
     return shapes == {k: tuple(v.shape) for k, v in rebuilt.state_dict().items()}
 
 
-def load_weights(model: nn.Module, path: str | Path) -> None:
-    """Load a safetensors or state-dict .pth file into ``model`` (no pickle of code)."""
+STATE_KEYS = ("state_dict_ema", "model_ema", "state_dict", "model", "module")  # where trainers nest it
+STRIPPED_PREFIXES = ("module.", "_orig_mod.")  # DDP and torch.compile wrappers
+
+
+def unwrap_state(state: Any) -> Any:
+    """The state dict inside a training checkpoint: nested under a common key, wrapper prefixes off.
+
+    An EMA copy wins over the raw weights (timm's checkpoints keep both; EMA is what it evaluates).
+    """
+    for _ in range(3):  # {"model": {"state_dict": ...}} and such
+        if not isinstance(state, dict) or all(isinstance(v, torch.Tensor) for v in state.values()):
+            break
+        nested = next((state[k] for k in STATE_KEYS if isinstance(state.get(k), dict) and state[k]), None)
+        if nested is None:
+            break
+        state = nested
+    if isinstance(state, dict) and state:
+        for prefix in STRIPPED_PREFIXES:
+            if all(isinstance(k, str) and k.startswith(prefix) for k in state):
+                state = {k[len(prefix):]: v for k, v in state.items()}
+    return state
+
+
+def load_weights(model: nn.Module, path: str | Path) -> dict[str, str]:
+    """Load a safetensors or state-dict .pth file into ``model`` (no pickle of code).
+
+    Reads checkpoints as trainers write them (see :func:`unwrap_state`). Returns where the
+    weights came from, for the recipe: the file and its sha256.
+    """
     path = Path(path)
     if not path.is_file():
         raise SurgeryError(f"weights file {str(path)!r} not found; check the --weights path")
@@ -188,13 +294,14 @@ def load_weights(model: nn.Module, path: str | Path) -> None:
             f"cannot read weights {str(path)!r} ({type(exc).__name__}); is it a safetensors or "
             "state-dict .pth file?"
         ) from None
-    if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
-        state = state["state_dict"]
-    if isinstance(state, dict) and isinstance(state.get("model"), dict):
-        state = state["model"]
-    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise SurgeryError(f"{str(path)!r} holds no state dict of tensors; save model.state_dict()")
+    state = unwrap_state(state)
+    if not isinstance(state, dict) or not state or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise SurgeryError(f"{str(path)!r} holds no state dict of tensors (looked under "
+                           f"{', '.join(STATE_KEYS)}); save model.state_dict()")
     load_state_dict_checked(model, state, what=str(path))
+    from .safeio import sha256_file
+
+    return {"kind": "file", "file": str(path), "sha256": sha256_file(path)}
 
 
 def load_state_dict_checked(model: nn.Module, state: dict[str, torch.Tensor], what: str, *,
@@ -234,16 +341,26 @@ def load_state_dict_checked(model: nn.Module, state: dict[str, torch.Tensor], wh
     model.load_state_dict(state, strict=True)
 
 
+def _is_path(spec: str) -> bool:
+    """An artifact folder (or a path to one), not a model name."""
+    return not spec.startswith(HF_HUB) and (Path(spec).is_dir() or "/" in spec or spec.startswith("."))
+
+
 def load_model(
     spec: str | nn.Module,
     *,
     weights: str | Path | None = None,
     num_classes: int | None = None,
     input_size: str | tuple | None = None,
+    pretrained: bool = False,
 ) -> LoadedModel:
     """Load a model from a timm name, ``torchvision:NAME`` or an artifact DIR.
 
-    ``weights`` (safetensors or state-dict .pth) replace the random initial weights.
+    ``pretrained``: the library's own weights through its own loader and cache (timm: the
+    name's tag, e.g. ``resnet50.a1_in1k``, or ``hf-hub:org/name``; torchvision: DEFAULT),
+    honouring HF_HUB_OFFLINE, HF_HOME and TORCH_HOME. ``weights``: a safetensors or
+    state-dict .pth file (a training checkpoint too), or for torchvision the name of a
+    weights enum member (``IMAGENET1K_V2``). The recipe's source records which.
     The input size defaults to the model's pretrained_cfg (timm) or 3x224x224.
     """
     from . import limits
@@ -253,11 +370,23 @@ def load_model(
     size = parse_input_size(input_size)
     what = f"{spec if isinstance(spec, str) else 'model'}" + (
         f" with --num-classes {num_classes}" if num_classes is not None else "")
+    tv_weights = None
+    if isinstance(spec, str) and spec.startswith("torchvision:"):
+        if weights is not None and not Path(weights).exists() and re.fullmatch(r"[A-Za-z0-9_.]+", str(weights)):
+            tv_weights, weights = str(weights), None  # an enum member's name, not a file
+        elif pretrained:
+            tv_weights = "DEFAULT"
+        pretrained = False
+    if pretrained and (not isinstance(spec, str) or _is_path(spec)):
+        raise SurgeryError("--pretrained loads timm or torchvision weights by model name; an artifact or a module "
+                           "already has its weights (use --weights FILE for a file)")
+    if pretrained and weights is not None:
+        raise SurgeryError("give --pretrained or --weights, not both")
     if isinstance(spec, nn.Module):
         model = spec
         size = size or default_input_size(model)
         loaded = LoadedModel(model, size, source_of(model, size))
-    elif Path(spec).is_dir() or "/" in spec or spec.startswith("."):
+    elif _is_path(spec):
         from .artifact import load_artifact
 
         if num_classes is not None:
@@ -271,14 +400,14 @@ def load_model(
         # Sizes are checked on a meta-device build first: nothing allocated if they are too big.
         limits.check_build(lambda: _torchvision_model(spec.split(":", 1)[1], num_classes)[0],
                            size or DEFAULT_INPUT_SIZE, what=what, num_classes=num_classes)
-        model, source = _torchvision_model(spec.split(":", 1)[1], num_classes)
+        model, source = _torchvision_model(spec.split(":", 1)[1], num_classes, tv_weights)
         loaded = LoadedModel(model, size or DEFAULT_INPUT_SIZE, source)
     else:
         limits.check_build(lambda: _timm_model(spec, num_classes, size)[0], size, what=what,
                            default_size=default_input_size, num_classes=num_classes)
-        model, source = _timm_model(spec, num_classes, size)
+        model, source = _timm_model(spec, num_classes, size, pretrained=pretrained)
         loaded = LoadedModel(model, size or default_input_size(model), source)
     if weights is not None:
-        load_weights(loaded.model, weights)
+        loaded.source = {**loaded.source, "weights": load_weights(loaded.model, weights)}
     loaded.model.eval()
     return loaded

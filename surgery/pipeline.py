@@ -223,6 +223,7 @@ def apply(
     measure: bool = True,
     latency: bool = True,
     data: str | None = None,
+    pretrained: bool = False,
 ) -> SurgeryResult:
     """Trace ``model`` and run ``passes`` on it in order; the caller's model is not touched.
 
@@ -232,6 +233,7 @@ def apply(
     with ``measure`` the report also has the totals, CPU latency (unless ``latency=False``) and output
     drift. ``report["seconds"]``: where the time went, step by step.
     ``data`` (digits or an ImageFolder path) is the calibration data for passes that use it.
+    ``pretrained``: a model name loads the library's pretrained weights (see :func:`load_model`).
     """
     steps = resolve_passes(passes)  # bad pass specs fail before any slow work
     if isinstance(model, LoadedModel):
@@ -241,7 +243,7 @@ def apply(
                 and example_inputs.dim() == 4:
             # A module built for this size (a ViT at img_size=64): the recipe's source must say so.
             input_size = tuple(example_inputs.shape[1:])
-        loaded = load_model(model, input_size=input_size)
+        loaded = load_model(model, input_size=input_size, pretrained=pretrained)
     if example_inputs is not None:
         if not isinstance(example_inputs, torch.Tensor) or example_inputs.dim() != 4:
             raise SurgeryError("example_inputs must be one image batch tensor of shape (B, C, H, W)")

@@ -123,6 +123,7 @@ def train(
     num_classes: int | None = None,
     input_size: str | tuple | None = None,
     weights: str | Path | None = None,
+    pretrained: bool = False,
     resume: bool = False,
     resume_anyway: bool = False,
     force: bool = False,
@@ -147,9 +148,10 @@ def train(
             input_size = DIGITS_SIZE
         if num_classes is None:
             num_classes = _class_count(data)
-        loaded = load_model(model, weights=weights, num_classes=num_classes, input_size=input_size)
+        loaded = load_model(model, weights=weights, num_classes=num_classes, input_size=input_size,
+                            pretrained=pretrained)
     else:
-        loaded = load_model(model, weights=weights, input_size=input_size)
+        loaded = load_model(model, weights=weights, input_size=input_size, pretrained=pretrained)
     dataset = data_for(data, loaded, limit=limit, seed=cfg.seed)
     check_head(loaded.model, dataset, loaded.input_size)
     t0 = time.perf_counter()
