@@ -1,4 +1,4 @@
-"""Artifacts on disk: recipe.json + model.safetensors (+ report.json, model.onnx).
+"""Artifacts on disk: recipe.json + model.safetensors (+ report.json, model.onnx, report.png / curves.png).
 
 Loading never unpickles: the recipe is JSON, the weights are safetensors, and the
 architecture is rebuilt by replaying the recipe's passes on the source model.
@@ -7,10 +7,11 @@ architecture is rebuilt by replaying the recipe's passes on the source model.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -31,6 +32,10 @@ RECIPE = "recipe.json"
 WEIGHTS = "model.safetensors"
 REPORT = "report.json"
 ONNX = "model.onnx"
+REPORT_FIGURE = "report.png"
+CURVES_FIGURE = "curves.png"
+
+log = logging.getLogger(__name__)
 
 
 def _json_default(obj: Any) -> Any:
@@ -49,7 +54,7 @@ def write_json(path: Path, data: Any) -> None:
 
 # What surgery itself writes into an artifact folder: --force replaces a folder holding only these.
 ARTIFACT_ENTRIES = frozenset({RECIPE, WEIGHTS, REPORT, ONNX, ONNX + ".data", "history.json", "checkpoint",
-                              "report.png", "curves.png"})
+                              REPORT_FIGURE, CURVES_FIGURE})
 
 
 def _is_our_recipe(path: Path) -> bool:
@@ -114,7 +119,11 @@ def save_state(model: nn.Module, path: Path) -> None:
 
 def save_artifact(result: SurgeryResult, out: str | Path, *, onnx: bool = False, force: bool = False) -> Path:
     """Write an `apply` result: recipe.json, model.safetensors, report.json (and model.onnx)."""
-    return write_artifact(out, result.model, result.recipe, result.report, onnx=onnx, force=force)
+    from .plots import report_figure, report_panels
+
+    figures = {REPORT_FIGURE: lambda path: report_figure(result.report, path)}
+    return write_artifact(out, result.model, result.recipe, result.report, onnx=onnx, force=force,
+                          figures=figures if report_panels(result.report) else None)  # measure=False: no numbers
 
 
 def write_artifact(
@@ -126,14 +135,15 @@ def write_artifact(
     onnx: bool = False,
     force: bool = False,
     extras: dict[str, Any] | None = None,
+    figures: dict[str, Callable[[Path], Any]] | None = None,
     keep: Sequence[str] = (),
 ) -> Path:
     """Write an artifact into a fresh temporary folder, then move it into place.
 
     An existing ``out`` is replaced only with ``force``, and only after everything was
     written, so a failure never leaves a half-written artifact or loses the old one.
-    ``extras`` are more JSON files (name -> data); ``keep`` names entries of the old
-    folder to carry over (a training run's checkpoint/).
+    ``extras`` are more JSON files (name -> data); ``figures`` draw images (name -> fn(path));
+    ``keep`` names entries of the old folder to carry over (a training run's checkpoint/).
     """
     out = check_out_dir(out, force)
     input_size = tuple(recipe["input_size"])
@@ -153,6 +163,11 @@ def write_artifact(
         for name, data in (extras or {}).items():
             write_json(tmp / name, data)
         write_json(tmp / REPORT, report)
+        for name, draw in (figures or {}).items():
+            try:
+                draw(tmp / name)
+            except Exception as exc:  # noqa: BLE001 - a figure is a view of report.json: never worth the artifact
+                log.warning("could not draw %s (%s: %s); report.json has the numbers", name, type(exc).__name__, exc)
         if out.exists():
             for name in keep:  # hard links: the old folder keeps its copy until the swap is done
                 if (out / name).is_dir() and not (out / name).is_symlink():

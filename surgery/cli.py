@@ -217,13 +217,24 @@ def cmd_apply(args: argparse.Namespace) -> int:
     loaded = _load(args)
     log.info("tracing and running %s", " -> ".join(args.passes))
     result = apply(loaded, args.passes, measure=True, latency=not args.no_latency, data=args.data)
+    if args.data:
+        from .models import LoadedModel
+        from .tasks import compare_accuracy
+
+        log.info("evaluating the original and the rewritten model on %s", args.data)
+        original = LoadedModel(result.original, loaded.input_size, loaded.source, loaded.passes)
+        result.report["accuracy"] = compare_accuracy({"original": original, "rewritten": result.as_loaded()},
+                                                     args.data, limit=args.limit)
     if args.finetune_epochs:
-        from .tasks import finetune
+        from .tasks import evaluate_model, finetune
 
         log.info("fine-tuning for %d epoch(s) on %s, distilling from the original", args.finetune_epochs, args.data)
         tuned = finetune(result.as_loaded(), args.data, _train_config(args, finetune=True), teacher=result.original,
                          limit=args.limit)
-        result.report["finetune"] = {"before": tuned.history and tuned.history[0], "after": tuned.metrics,
+        accuracy = result.report["accuracy"]
+        accuracy["finetuned"] = evaluate_model(result.as_loaded(), args.data, limit=args.limit)
+        # before: the rewritten model as apply left it, on the same val split as after
+        result.report["finetune"] = {"before": accuracy["rewritten"], "after": accuracy["finetuned"],
                                      "history": tuned.history, "seconds": tuned.seconds}
     if args.out:
         log.info("saving to %s%s", args.out, " (with ONNX export and parity check)" if args.onnx else "")
@@ -231,7 +242,7 @@ def cmd_apply(args: argparse.Namespace) -> int:
     log.info("done in %.1fs", time.perf_counter() - t0)
     text = format_table(result.report)
     if args.out:
-        text += f"\nsaved: {args.out}/ (recipe.json, model.safetensors, report.json"
+        text += f"\nsaved: {args.out}/ (recipe.json, model.safetensors, report.json, report.png"
         text += ", model.onnx)" if args.onnx else ")"
     _emit(args, result.report, text)
     if args.strict:

@@ -366,6 +366,7 @@ def format_table(report: dict[str, Any]) -> str:
         if report[side].get("flops_estimated"):
             lines.append(f"FLOPs {side} estimated: {report[side].get('flops_error', 'FlopCounterMode failed')}; "
                          f"counted by {report[side].get('flops_method')}")
+    lines += accuracy_lines(report.get("accuracy"))
     if report.get("seconds"):
         lines.append("time: " + ", ".join(f"{name} {t:.1f} s" for name, t in report["seconds"].items()))
     for step in report.get("passes", []):
@@ -375,6 +376,30 @@ def format_table(report: dict[str, Any]) -> str:
         for note in step.get("notes", []):
             lines.append(f"[{step['pass']}] {note}")
     return "\n".join(lines)
+
+
+ACCURACY_ROWS = (("original", "original"), ("rewritten", "rewritten"), ("finetuned", "fine-tuned"))
+
+
+def accuracy_lines(accuracy: dict[str, Any] | None) -> list[str]:
+    """Top-1, top-5 and loss of the original, rewritten and fine-tuned models, on one val split."""
+    if not accuracy:
+        return []
+    rows = [(label, accuracy[key]) for key, label in ACCURACY_ROWS if key in accuracy]
+    images = next((m["val_images"] for _, m in rows if "val_images" in m), None)
+    head = f"accuracy on {accuracy['data']} val" + (f" ({images} images)" if images is not None else "")
+    table = [(head, "top-1", "top-5", "loss")]
+    notes = []
+    for label, m in rows:
+        if "skipped" in m:
+            table.append((label, "-", "-", "-"))
+            notes.append(f"{label} not evaluated: {m['skipped']}")
+        else:
+            table.append((label, f"{m['val_top1']:.4f}", f"{m['val_top5']:.4f}", f"{m['val_loss']:.4f}"))
+    widths = [max(len(r[i]) for r in table) for i in range(4)]
+    lines = ["  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths)))
+             for r in table]
+    return lines[:1] + ["-" * len(lines[0])] + lines[1:] + notes
 
 
 def effect_line(effect: dict[str, Any]) -> str:

@@ -109,7 +109,12 @@ def _finish(loaded: LoadedModel, model: nn.Module, data: ImageData, cfg: TrainCo
                   "passes": loaded.passes}
         report = {"task": kind, "model": loaded.name, "data": data.name, "metrics": metrics, "seconds": seconds,
                   "config": asdict(cfg), **(extra_report or {})}
-        write_artifact(out, model, recipe, report, force=True, extras={HISTORY: history}, keep=[CHECKPOINT_DIR])
+        from .artifact import CURVES_FIGURE
+        from .plots import curves_figure
+
+        figures = {CURVES_FIGURE: lambda path: curves_figure(history, path, f"{kind} {loaded.name} on {data.name}")}
+        write_artifact(out, model, recipe, report, force=True, extras={HISTORY: history},
+                       figures=figures if history else None, keep=[CHECKPOINT_DIR])
         log.info("saved %s", out)
     return TrainResult(model, history, metrics, out, seconds)
 
@@ -212,6 +217,20 @@ def finetune(
     return _finish(loaded, loaded.model, dataset, cfg, history, out, time.perf_counter() - t0, "finetune",
                    {"before": before, "teacher": teacher if isinstance(teacher, str) else None,
                     **schedule_report(schedule, history)})
+
+
+def compare_accuracy(models: dict[str, LoadedModel], data: str, *, limit: int | None = None) -> dict[str, Any]:
+    """Top-1, top-5 and loss of each model on the same val split of ``data``, each at its own input size.
+
+    A model whose classifier does not fit the data's classes gets ``{"skipped": why}``.
+    """
+    out: dict[str, Any] = {"data": data}
+    for label, loaded in models.items():
+        try:
+            out[label] = evaluate_model(loaded, data, limit=limit)
+        except SurgeryError as exc:  # check_head: the head does not fit the data
+            out[label] = {"skipped": str(exc)}
+    return out
 
 
 def evaluate_model(model: str | nn.Module | LoadedModel, data: str = "digits", *, batch_size: int = 256,

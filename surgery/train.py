@@ -43,6 +43,8 @@ from .checkpoint import (
 )
 from .data import ImageData, make_loader
 from .errors import Interrupted, SurgeryError
+from .progress import bar
+from .progress import enabled as progress_enabled
 from .validate import ValidationError
 
 if TYPE_CHECKING:
@@ -186,7 +188,7 @@ def evaluate(model: nn.Module, data: ImageData | Any, *, batch_size: int = 256, 
     was_training = model.training
     model.eval()
     totals = torch.zeros(4, dtype=torch.float64, device=device)  # loss, top1, top5, n
-    for x, y in loader:
+    for x, y in bar(loader, "evaluate", unit="batch") if d.main else loader:
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
         logits = model(x).float()
         k = min(5, logits.shape[1])
@@ -499,7 +501,7 @@ def fit(
 
 
 def _progress(loader, epoch: int, cfg: TrainConfig, d: Dist):
-    if not (cfg.progress and d.main):
+    if not (cfg.progress and d.main and progress_enabled()):
         return loader
     from tqdm.auto import tqdm
 

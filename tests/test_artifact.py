@@ -24,7 +24,7 @@ def saved(tmp_path_factory):
 
 def test_artifact_round_trip_reproduces_outputs(saved):
     result, out = saved
-    assert sorted(p.name for p in out.iterdir()) == ["model.safetensors", "recipe.json", "report.json"]
+    assert sorted(p.name for p in out.iterdir()) == ["model.safetensors", "recipe.json", "report.json"]  # measure=False: no report.png
     recipe = json.loads((out / "recipe.json").read_text())
     assert recipe["source"] == {"kind": "timm", "name": "resnet18", "kwargs": {"in_chans": 3},
                                 "input_size": [3, 48, 48]}

@@ -36,7 +36,8 @@ def test_apply_writes_all_four_files_and_they_reload(tmp_path):
     proc = run("apply", "resnet18", "--pass", "fuse", "--input-size", "64", "--num-classes", "10",
                "--out", str(out), "--onnx", "--json", "--no-latency")
     report = json.loads(proc.stdout)
-    assert sorted(p.name for p in out.iterdir()) == ["model.onnx", "model.safetensors", "recipe.json", "report.json"]
+    assert sorted(p.name for p in out.iterdir()) == ["model.onnx", "model.safetensors", "recipe.json", "report.json",
+                                                     "report.png"]
     assert report["drift"]["max_abs"] <= 1e-5
     assert report["onnx"]["parity"]["ok"] and set(report["onnx"]["parity"]["max_abs_diff"]) == {"1", "4"}
     assert json.loads((out / "report.json").read_text())["onnx"]["parity"]["ok"]
