@@ -20,7 +20,7 @@ from torch import fx, nn
 
 from . import __version__
 from .errors import SurgeryError
-from .models import LoadedModel, load_state_dict_checked
+from .models import IO_KEYS, LoadedModel, load_state_dict_checked
 from .recipe import RECIPE_FORMAT, read_recipe_file
 from .safeio import PARTIAL, check_parent, recover, refuse_symlink, replace_dir, sha256_file
 from .validate import ValidationError, parse_json
@@ -153,9 +153,10 @@ def write_artifact(
         recipe = dict(recipe)
         recipe["weights"] = {"file": WEIGHTS, "sha256": sha256_file(tmp / WEIGHTS)}
         if onnx:
-            from .export import export_and_verify
+            from .export import export_and_verify, onnx_metadata
 
-            report["onnx"] = export_and_verify(model, tmp / ONNX, input_size)
+            meta = onnx_metadata(input_size, {k: recipe[k] for k in IO_KEYS if k in recipe}, recipe)
+            report["onnx"] = export_and_verify(model, tmp / ONNX, input_size, metadata=meta)
             report["onnx"]["path"] = str(out / ONNX)
             recipe["onnx"] = {"file": ONNX, "sha256": sha256_file(tmp / ONNX)}
         recipe["versions"] = {"surgery": __version__, "torch": torch.__version__.split("+")[0]}
@@ -252,7 +253,8 @@ def load_artifact(directory: str | Path, *, base_model: nn.Module | None = None)
                     break
     load_state_dict_checked(gm, state, what=str(d / WEIGHTS), exact_dtype=True)
     gm.eval()
-    return LoadedModel(gm, tuple(recipe["input_size"]), recipe["source"], list(recipe["passes"]))
+    return LoadedModel(gm, tuple(recipe["input_size"]), recipe["source"], list(recipe["passes"]),
+                       io={k: recipe[k] for k in IO_KEYS if k in recipe})
 
 
 def verify_artifact(directory: str | Path, *, base_model: nn.Module | None = None) -> dict[str, Any]:

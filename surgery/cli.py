@@ -176,6 +176,19 @@ def build_parser() -> argparse.ArgumentParser:
     _model_args(p)
     p.add_argument("--out", required=True, help="path of the .onnx file to write")
     p.add_argument("--force", action="store_true", help="replace an existing file")
+    p.add_argument("--opset", type=int, help="ONNX opset (default: the exporter's)")
+    p.add_argument("--rtol", type=float, default=1e-4, help="parity: relative tolerance (of max |torch output|)")
+    p.add_argument("--atol", type=float, default=0.0, help="parity: absolute tolerance, added to the relative one")
+    p.add_argument("--batch", type=int, action="append", metavar="N",
+                   help="batch size checked for parity (repeat; default 1 and 4)")
+
+    p = sub.add_parser("predict", help="top-k classes of images with an exported ONNX file (onnxruntime only)",
+                       description="Classify images with MODEL.onnx, prepared as its metadata says "
+                                   "(written by `apply --onnx` and `export`); torch is not imported.")
+    p.add_argument("onnx", metavar="MODEL.onnx")
+    p.add_argument("images", nargs="+", metavar="IMAGE")
+    p.add_argument("-k", "--top-k", type=int, default=5, help="classes shown per image")
+    p.add_argument("--json", action="store_true", help="print the result as JSON on stdout")
     return parser
 
 
@@ -304,7 +317,8 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from .export import export_verified
+    from .errors import SurgeryError
+    from .export import export_verified, onnx_metadata
     from .graph import trace
     from .pipeline import example_batch
     from .safeio import check_file_target
@@ -315,12 +329,35 @@ def cmd_export(args: argparse.Namespace) -> int:
     if not hasattr(model, "graph"):
         model = trace(model, example_batch(loaded.input_size))
     log.info("exporting %s to %s", loaded.name, out)
-    result = export_verified(model, out, loaded.input_size)
+    recipe = None
+    if Path(args.model).is_dir():
+        from .artifact import read_recipe
+
+        recipe = read_recipe(args.model)
+    if args.opset is not None and not 7 <= args.opset <= 30:
+        raise SurgeryError(f"--opset {args.opset} is out of range; give an ONNX opset such as 17 or 18")
+    if args.rtol < 0 or args.atol < 0 or any(b < 1 for b in args.batch or []):
+        raise SurgeryError("--rtol and --atol must be >= 0 and each --batch >= 1")
+    result = export_verified(model, out, loaded.input_size, opset=args.opset, rtol=args.rtol, atol=args.atol,
+                             batch_sizes=tuple(args.batch or (1, 4)),
+                             metadata=onnx_metadata(loaded.input_size, loaded.io, recipe))
     par, lat = result["parity"], result["latency_ms"]
     text = (f"wrote {out} ({result['bytes'] / 1e6:.1f} MB, {result['exporter']} exporter)\n"
             f"parity: " + ", ".join(f"batch {b}: max|diff| {d:.2e}" for b, d in par["max_abs_diff"].items())
             + f"\nlatency b=1: torch {lat['torch']:.2f} ms, onnxruntime {lat['onnxruntime']:.2f} ms")
     _emit(args, result, text)
+    return 0
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    from .predict import format_predictions, predict
+
+    if args.top_k < 1:
+        from .errors import SurgeryError
+
+        raise SurgeryError("--top-k must be at least 1")
+    results = predict(args.onnx, args.images, top_k=args.top_k)
+    _emit(args, results, format_predictions(results))
     return 0
 
 
@@ -400,6 +437,7 @@ def cmd_entropy(args: argparse.Namespace) -> int:
 
 COMMANDS = {
     "apply": cmd_apply, "passes": cmd_passes, "inspect": cmd_inspect, "export": cmd_export, "verify": cmd_verify,
+    "predict": cmd_predict,
     "train": cmd_train, "finetune": cmd_finetune, "evaluate": cmd_evaluate, "entropy": cmd_entropy,
 }
 
@@ -419,8 +457,7 @@ def main(argv: list[str] | None = None) -> int:
     from . import progress
 
     progress.set_enabled(False if args.quiet else None)  # None: on at a terminal or SURGERY_PROGRESS=1
-    from .errors import Interrupted, SurgeryError
-    from .export import ParityError
+    from .errors import Interrupted, ParityError, SurgeryError  # no torch: `predict` runs without it
 
     try:
         limits.set_max_memory(getattr(args, "max_memory", None))  # None: the machine's RAM

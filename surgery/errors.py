@@ -9,5 +9,13 @@ class SurgeryError(Exception):
     """
 
 
+class ParityError(RuntimeError):
+    """ONNX and torch outputs disagree beyond tolerance (the CLI exits 1); ``report`` has the numbers."""
+
+    def __init__(self, message: str, report: dict | None = None):
+        super().__init__(message)
+        self.report = report or {}
+
+
 class Interrupted(SurgeryError):
     """Ctrl-C stopped a run; the message says what was saved. The CLI prints it and exits 130."""

@@ -9,6 +9,8 @@ cannot capture. Which one produced a file is written into the file itself
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import json
 import logging
 import os
 import re
@@ -27,7 +29,7 @@ import torch
 from onnx.external_data_helper import ExternalDataInfo, uses_external_data
 from torch import nn
 
-from .errors import SurgeryError
+from .errors import ParityError, SurgeryError
 from .graph import output_tensors
 from .progress import Steps
 from .safeio import atomic_file, check_parent
@@ -49,14 +51,6 @@ _CLASS_LINE = re.compile(r"^<class '(?:[\w.]*\.)?(\w+)'>: (.*)$")
 
 
 VERIFY_STEPS = ("check", "parity", "latency")
-
-
-class ParityError(RuntimeError):
-    """ONNX and torch outputs disagree beyond tolerance."""
-
-    def __init__(self, message: str, report: dict[str, Any] | None = None):
-        super().__init__(message)
-        self.report = report or {}
 
 
 # --- helpers ---------------------------------------------------------------------------
@@ -197,15 +191,36 @@ def _export_torchscript(model: nn.Module, x: torch.Tensor, path: Path, opset: in
     )
 
 
-def _finish(path: Path, exporter: str) -> None:
-    """Stamp the exporter into the file, insist on a symbolic batch dim, run the checker."""
+META_PREFIX = "surgery."  # our keys in metadata_props: input_size, preprocess, classes, recipe_sha256
+
+
+def onnx_metadata(input_size: Sequence[int], io: dict[str, Any] | None = None,
+                  recipe: dict[str, Any] | None = None) -> dict[str, str]:
+    """What a deployment needs besides the graph, as ONNX metadata_props (``surgery.*`` keys, JSON values).
+
+    ``recipe_sha256`` hashes the recipe's architecture (format, source, input size, passes:
+    canonical JSON), so a file can be matched with the artifact it came from.
+    """
+    meta = {"input_size": json.dumps([int(v) for v in input_size])}
+    for key in ("preprocess", "classes"):
+        if (io or {}).get(key):
+            meta[key] = json.dumps(io[key])
+    if recipe is not None:
+        arch = {k: recipe[k] for k in ("format", "source", "input_size", "passes") if k in recipe}
+        meta["recipe_sha256"] = json.dumps(hashlib.sha256(json.dumps(arch, sort_keys=True).encode()).hexdigest())
+    return {META_PREFIX + k: v for k, v in meta.items()}
+
+
+def _finish(path: Path, exporter: str, metadata: dict[str, str] | None = None) -> None:
+    """Stamp the exporter (and ``metadata``) into the file, insist on a symbolic batch dim, run the checker."""
     # Without external data: stamping only rewrites the graph file, weights stay put.
     proto = onnx.load(str(path), load_external_data=False)
     dim = _batch_dim(proto)
     if dim is None or not dim.HasField("dim_param"):
         fixed = "missing" if dim is None else dim.dim_value
         raise RuntimeError(f"the batch dimension of input {INPUT_NAME!r} came out fixed ({fixed})")
-    onnx.helper.set_model_props(proto, {**{p.key: p.value for p in proto.metadata_props}, EXPORTER_KEY: exporter})
+    onnx.helper.set_model_props(proto, {**{p.key: p.value for p in proto.metadata_props}, EXPORTER_KEY: exporter,
+                                        **(metadata or {})})
     onnx.save(proto, str(path))
     # With a path (not a proto) the checker also handles external data and >2 GiB models.
     onnx.checker.check_model(str(path), full_check=True)
@@ -231,6 +246,7 @@ def export_onnx(
     path: str | Path,
     *,
     opset: int | None = None,
+    metadata: dict[str, str] | None = None,
 ) -> Path:
     """Export ``model`` to ONNX with a dynamic batch axis and return the checked file's path.
 
@@ -266,7 +282,7 @@ def export_onnx(
                 try:
                     with _quiet() as chatter:
                         fn(model, x, tmp, opset, external)
-                        _finish(tmp, exporter)
+                        _finish(tmp, exporter, metadata)
                 except Exception as exc:  # noqa: BLE001 - any failure means: try the next exporter
                     log.info("%s exporter failed: %s", exporter, _short(exc, 2000))
                     log.debug("%s exporter output:\n%s", exporter, "".join(chatter))
@@ -293,11 +309,13 @@ def export_verified(model: nn.Module, path: str | Path, input_shape: tuple[int, 
     return result
 
 
-def export_and_verify(model: nn.Module, path: Path, input_shape: tuple[int, ...], **verify: Any) -> dict[str, Any]:
+def export_and_verify(model: nn.Module, path: Path, input_shape: tuple[int, ...], *, opset: int | None = None,
+                      metadata: dict[str, str] | None = None, **verify: Any) -> dict[str, Any]:
     """Export to ``path`` and verify it (checker, parity, latency), one progress bar over the steps."""
     with Steps("onnx", 1 + len(VERIFY_STEPS)) as progress:
         with progress.step("export"):
-            export_onnx(model, torch.randn(1, *input_shape, generator=torch.Generator().manual_seed(0)), path)
+            export_onnx(model, torch.randn(1, *input_shape, generator=torch.Generator().manual_seed(0)), path,
+                        opset=opset, metadata=metadata)
         return verify_onnx(model, path, input_shape, progress=progress, **verify)
 
 
@@ -321,12 +339,15 @@ def _parity(
     batch_sizes: Sequence[int],
     rtol: float,
     seed: int,
+    atol: float = 0.0,
 ) -> dict[str, Any]:
+    """Max |torch - onnxruntime| per batch size; a batch fails past atol + rtol * max|torch output|."""
     input_name = session.get_inputs()[0].name
     generator = torch.Generator().manual_seed(seed)
     device, was_training = _device(model), model.training
     abs_diff: dict[str, float] = {}
     rel_diff: dict[str, float] = {}
+    scales: dict[str, float] = {}
     model.eval()
     try:
         for batch in batch_sizes:
@@ -343,6 +364,7 @@ def _parity(
             diff = max((float(np.abs(e - g).max()) for e, g in zip(expected, got) if e.size), default=0.0)
             scale = max((float(np.abs(e).max()) for e in expected if e.size), default=0.0)
             abs_diff[str(batch)] = diff
+            scales[str(batch)] = scale
             rel_diff[str(batch)] = diff / scale if scale > 0 else (0.0 if diff == 0 else float("inf"))
     finally:
         model.train(was_training)
@@ -351,15 +373,17 @@ def _parity(
         "max_abs_diff": abs_diff,
         "max_rel_diff": rel_diff,
         "rtol": rtol,
+        "atol": atol,
         "ok": True,
     }
     # `not <=` so that NaN counts as a failure.
-    bad = [b for b, r in rel_diff.items() if not r <= rtol]
+    bad = [b for b, d in abs_diff.items() if not d <= atol + rtol * scales[b]]
     if bad:
         report["ok"] = False
         numbers = ", ".join(f"batch {b}: max abs diff {abs_diff[b]:.3g}, relative {rel_diff[b]:.3g}" for b in rel_diff)
+        limit = f"rtol {rtol:g}" + (f" + atol {atol:g}" if atol else "")
         raise ParityError(
-            f"ONNX output differs from torch beyond rtol {rtol:g} ({numbers}); "
+            f"ONNX output differs from torch beyond {limit} ({numbers}); "
             "the model changed after export or the exporter mistranslated it",
             report,
         )
@@ -373,14 +397,15 @@ def check_parity(
     *,
     batch_sizes: Sequence[int] = (1, 4),
     rtol: float = 1e-4,
+    atol: float = 0.0,
     seed: int = 0,
 ) -> dict[str, Any]:
     """Compare ONNX Runtime with torch on seeded random inputs of shape ``(batch, *input_shape)``.
 
     The relative difference is max |torch - onnx| over max |torch|. Raises
-    :class:`ParityError` when it exceeds ``rtol`` at any batch size.
+    :class:`ParityError` when max |torch - onnx| exceeds ``atol + rtol * max |torch|`` at any batch size.
     """
-    return _parity(model, onnx_session(path), input_shape, batch_sizes, rtol, seed)
+    return _parity(model, onnx_session(path), input_shape, batch_sizes, rtol, seed, atol)
 
 
 def _median_ms(fn: Any, warmup: int, runs: int) -> float:
@@ -444,6 +469,7 @@ def verify_onnx(
     *,
     batch_sizes: Sequence[int] = (1, 4),
     rtol: float = 1e-4,
+    atol: float = 0.0,
     progress: Steps | None = None,
 ) -> dict[str, Any]:
     """Checker, parity and batch-1 latency (ONNX Runtime vs torch) as a JSON-able dict.
@@ -463,7 +489,7 @@ def verify_onnx(
             proto = onnx.load(str(path), load_external_data=False)
             session = onnx_session(path)
         with steps.step(VERIFY_STEPS[1]):
-            parity = _parity(model, session, input_shape, batch_sizes, rtol, seed=0)
+            parity = _parity(model, session, input_shape, batch_sizes, rtol, seed=0, atol=atol)
         with steps.step(VERIFY_STEPS[2]):
             latency = {"onnxruntime": _ort_latency_ms(session, input_shape, 1, warmup=3, runs=10),
                        "torch": _torch_latency_ms(model, input_shape, 1, warmup=3, runs=10)}

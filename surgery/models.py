@@ -28,10 +28,70 @@ class LoadedModel:
     input_size: tuple[int, int, int]
     source: dict[str, Any]
     passes: list[dict[str, Any]] = field(default_factory=list)
+    # How inputs are prepared and what the outputs mean, when known: {"preprocess": {...}, "classes": [...]}
+    # (recorded by training and pretrained loaders, carried by artifacts, written into ONNX metadata).
+    io: dict[str, Any] = field(default_factory=dict)
 
     @property
     def name(self) -> str:
         return self.source.get("name") or self.source.get("class", "model")
+
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def preprocess(mean: Any = IMAGENET_MEAN, std: Any = IMAGENET_STD, interpolation: str = "bilinear",
+               crop_pct: float | None = None) -> dict[str, Any]:
+    """How an image becomes the model's input: RGB, resized (then center-cropped when ``crop_pct``:
+    the shorter side to size / crop_pct first), scaled to [0, 1], normalised by mean and std, NCHW.
+    Without crop_pct the image is resized to the input size directly, as surgery trains and evaluates."""
+    return {"channel_order": "RGB", "layout": "NCHW", "scale": "1/255", "mean": [float(v) for v in mean],
+            "std": [float(v) for v in std], "interpolation": interpolation,
+            "crop_pct": None if crop_pct is None else float(crop_pct)}
+
+
+def _timm_io(model: nn.Module, pretrained: bool) -> dict[str, Any]:
+    """timm's pretrained_cfg: its eval transform (with crop_pct) for its weights; its mean and std otherwise."""
+    cfg = getattr(model, "pretrained_cfg", None) or {}
+    pre = preprocess(cfg.get("mean") or IMAGENET_MEAN, cfg.get("std") or IMAGENET_STD,
+                     cfg.get("interpolation") if pretrained and cfg.get("interpolation") in ("bilinear", "bicubic")
+                     else "bilinear", cfg.get("crop_pct") if pretrained else None)
+    io: dict[str, Any] = {"preprocess": pre}
+    if pretrained and getattr(model, "num_classes", None) == 1000:
+        try:
+            from timm.data import ImageNetInfo
+
+            io["classes"] = list(ImageNetInfo().label_descriptions(as_dict=False))
+        except Exception:  # noqa: BLE001 - class names are a convenience, the weights load without them
+            pass
+    return io
+
+
+def _torchvision_io(member: Any) -> dict[str, Any]:
+    """A torchvision weights entry's own transform and categories."""
+    if member is None:
+        return {"preprocess": preprocess()}
+    t = member.transforms()
+    resize = t.resize_size[0] if isinstance(t.resize_size, (list, tuple)) else t.resize_size
+    crop = t.crop_size[0] if isinstance(t.crop_size, (list, tuple)) else t.crop_size
+    interp = getattr(t.interpolation, "value", str(t.interpolation))
+    io: dict[str, Any] = {"preprocess": preprocess(t.mean, t.std, interp if interp in ("bilinear", "bicubic")
+                                                   else "bilinear", crop / resize)}
+    if member.meta.get("categories"):
+        io["classes"] = list(member.meta["categories"])
+    return io
+
+
+IO_KEYS = ("preprocess", "classes")
+
+
+def io_fields(io: dict[str, Any], outputs: int | None) -> dict[str, Any]:
+    """What a recipe records of ``io``: the preprocessing, and the class names where they name every output."""
+    out = {k: io[k] for k in ("preprocess",) if io.get(k)}
+    if io.get("classes") and outputs == len(io["classes"]):
+        out["classes"] = list(io["classes"])
+    return out
 
 
 def parse_input_size(value: str | tuple | list | int | None) -> tuple[int, int, int] | None:
@@ -385,7 +445,8 @@ def load_model(
     if isinstance(spec, nn.Module):
         model = spec
         size = size or default_input_size(model)
-        loaded = LoadedModel(model, size, source_of(model, size))
+        loaded = LoadedModel(model, size, source_of(model, size),
+                             io=_timm_io(model, False) if getattr(model, "pretrained_cfg", None) else {})
     elif _is_path(spec):
         from .artifact import load_artifact
 
@@ -401,12 +462,13 @@ def load_model(
         limits.check_build(lambda: _torchvision_model(spec.split(":", 1)[1], num_classes)[0],
                            size or DEFAULT_INPUT_SIZE, what=what, num_classes=num_classes)
         model, source = _torchvision_model(spec.split(":", 1)[1], num_classes, tv_weights)
-        loaded = LoadedModel(model, size or DEFAULT_INPUT_SIZE, source)
+        member = torchvision_weights(source["name"], tv_weights) if tv_weights else None
+        loaded = LoadedModel(model, size or DEFAULT_INPUT_SIZE, source, io=_torchvision_io(member))
     else:
         limits.check_build(lambda: _timm_model(spec, num_classes, size)[0], size, what=what,
                            default_size=default_input_size, num_classes=num_classes)
         model, source = _timm_model(spec, num_classes, size, pretrained=pretrained)
-        loaded = LoadedModel(model, size or default_input_size(model), source)
+        loaded = LoadedModel(model, size or default_input_size(model), source, io=_timm_io(model, pretrained))
     if weights is not None:
         loaded.source = {**loaded.source, "weights": load_weights(loaded.model, weights)}
     loaded.model.eval()

@@ -15,8 +15,8 @@ from torch import fx, nn
 from . import limits
 from . import passes as registry
 from .errors import SurgeryError
-from .graph import propagate_shapes, trace
-from .models import LoadedModel, build_source, load_model
+from .graph import node_shape, propagate_shapes, trace
+from .models import IO_KEYS, LoadedModel, build_source, io_fields, load_model
 from .progress import Steps
 from .recipe import RECIPE_FORMAT
 from .report import compare_models, count_model
@@ -69,7 +69,8 @@ class SurgeryResult:
 
     def as_loaded(self) -> LoadedModel:
         """The rewritten model with its provenance: what train/finetune/apply accept to chain on."""
-        return LoadedModel(self.model, self.input_size, self.recipe["source"], self.recipe["passes"])
+        return LoadedModel(self.model, self.input_size, self.recipe["source"], self.recipe["passes"],
+                           io={k: self.recipe[k] for k in IO_KEYS if k in self.recipe})
 
     def save(self, out: str | Path, *, onnx: bool = False, force: bool = False) -> Path:
         """Write recipe.json, model.safetensors, report.json (and model.onnx) to ``out``."""
@@ -280,10 +281,21 @@ def apply(
         "source": source,
         "input_size": list(final_example.shape[1:]),
         "passes": loaded.passes + [{k: v for k, v in r.items() if k not in ("notes", "effect")} for r in records],
+        **io_fields(loaded.io, _output_width(gm)),  # a new head (head pass) drops the old class names
     }
     report: dict[str, Any] = {"model": loaded.name, "passes": records, **measured,
                               "seconds": {name: t for name, t in _unique(progress.timings)}}
     return SurgeryResult(model=gm, report=report, recipe=recipe, original=loaded.model)
+
+
+def _output_width(gm: fx.GraphModule) -> int | None:
+    """The last dimension of the graph's (first) output, from the propagated shapes."""
+    (output,) = [n for n in gm.graph.nodes if n.op == "output"]
+    first = output.args[0]
+    while isinstance(first, (tuple, list)) and first:
+        first = first[0]
+    shape = node_shape(first) if isinstance(first, fx.Node) else None
+    return shape[-1] if shape else None
 
 
 def _unique(timings: list[tuple[str, float]]) -> list[tuple[str, float]]:

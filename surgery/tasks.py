@@ -21,7 +21,7 @@ from .artifact import check_out_dir, write_artifact
 from .checkpoint import CHECKPOINT_DIR, STATE_FILE
 from .data import IMAGENET_MEAN, IMAGENET_STD, ImageData, load_data
 from .errors import SurgeryError
-from .models import LoadedModel, load_model
+from .models import LoadedModel, io_fields, load_model, preprocess
 from .recipe import RECIPE_FORMAT
 from .safeio import recover
 from .schedule import ProgressiveResize, schedule_report
@@ -105,8 +105,11 @@ def _finish(loaded: LoadedModel, model: nn.Module, data: ImageData, cfg: TrainCo
     metrics = history[-1] if history else evaluate(model, data)
     metrics = {k: v for k, v in metrics.items() if k.startswith("val_")}
     if out is not None and setup_distributed().main:
+        # Trained here: inputs as this data pipeline prepares them, outputs named by the data's classes.
+        mean, std = _norm_stats(loaded)
+        io = {"preprocess": preprocess(mean, std), "classes": list(data.classes)}
         recipe = {"format": RECIPE_FORMAT, "source": loaded.source, "input_size": list(loaded.input_size),
-                  "passes": loaded.passes}
+                  "passes": loaded.passes, **io_fields(io, len(data.classes))}
         report = {"task": kind, "model": loaded.name, "data": data.name, "metrics": metrics, "seconds": seconds,
                   "config": asdict(cfg), **(extra_report or {})}
         from .artifact import CURVES_FIGURE
