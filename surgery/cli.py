@@ -52,6 +52,8 @@ def _train_args(p: argparse.ArgumentParser, *, epochs: bool = True, default_epoc
     g.add_argument("--compile", action="store_true", help="torch.compile the model")
     g.add_argument("--deterministic", action="store_true", help="deterministic algorithms (slower)")
     g.add_argument("--limit", type=int, help=argparse.SUPPRESS)  # first N images: quick runs and tests
+    g.add_argument("--keep-checkpoints", action="store_true",
+                   help="keep --out/checkpoint (optimizer state, for --resume) after the run finished")
 
 
 RESCALE_EPOCHS = 3  # default --rescale-epochs
@@ -391,7 +393,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     result = train(args.model, args.data, _train_config(args), out=args.out, num_classes=args.num_classes,
                    input_size=args.input_size, weights=args.weights, pretrained=args.pretrained,
                    resume=args.resume, force=args.force,
-                   resume_anyway=args.resume_anyway,
+                   resume_anyway=args.resume_anyway, keep_checkpoints=args.keep_checkpoints,
                    limit=args.limit, schedule=_schedule(args), protect=_inputs(args))
     _print_metrics(args, {"metrics": result.metrics, "seconds": result.seconds, "history": result.history},
                    f"trained in {result.seconds:.0f}s" + (f", saved {result.out}" if result.out else ""))
@@ -403,7 +405,7 @@ def cmd_finetune(args: argparse.Namespace) -> int:
 
     cfg = _train_config(args, finetune=True)
     result = finetune(_load(args), args.data, cfg, teacher=args.teacher, out=args.out, resume=args.resume,
-                      resume_anyway=args.resume_anyway,
+                      resume_anyway=args.resume_anyway, keep_checkpoints=args.keep_checkpoints,
                       force=args.force, limit=args.limit, schedule=_schedule(args), protect=_inputs(args))
     _print_metrics(args, {"metrics": result.metrics, "seconds": result.seconds, "history": result.history},
                    f"fine-tuned in {result.seconds:.0f}s, saved {result.out}")

@@ -101,7 +101,10 @@ def _prepare_out(out: str | Path | None, *, force: bool, resume: bool, protect: 
 
 
 def _finish(loaded: LoadedModel, model: nn.Module, data: ImageData, cfg: TrainConfig, history: list, out: Path | None,
-            seconds: float, kind: str, extra_report: dict | None = None) -> TrainResult:
+            seconds: float, kind: str, extra_report: dict | None = None, keep_checkpoints: bool = False,
+            ) -> TrainResult:
+    """Evaluate, and write the finished run's artifact: the final weights; the resumable checkpoint (optimizer
+    state included) only with ``keep_checkpoints`` - a finished run needs none, the swap removes it."""
     metrics = history[-1] if history else evaluate(model, data)
     metrics = {k: v for k, v in metrics.items() if k.startswith("val_")}
     if out is not None and setup_distributed().main:
@@ -117,7 +120,7 @@ def _finish(loaded: LoadedModel, model: nn.Module, data: ImageData, cfg: TrainCo
 
         figures = {CURVES_FIGURE: lambda path: curves_figure(history, path, f"{kind} {loaded.name} on {data.name}")}
         write_artifact(out, model, recipe, report, force=True, extras={HISTORY: history},
-                       figures=figures if history else None, keep=[CHECKPOINT_DIR])
+                       figures=figures if history else None, keep=[CHECKPOINT_DIR] if keep_checkpoints else [])
         log.info("saved %s", out)
     return TrainResult(model, history, metrics, out, seconds)
 
@@ -138,12 +141,14 @@ def train(
     limit: int | None = None,
     schedule: ProgressiveResize | None = None,
     protect: Sequence[str | Path] = (),
+    keep_checkpoints: bool = False,
 ) -> TrainResult:
     """Train a model (a timm name, torchvision:NAME, an nn.Module or an artifact) on ``data``.
 
     On `digits` the input defaults to 32x32 and the classifier to the data's 10 classes.
     ``schedule`` (ProgressiveResize) trains the first epochs at low resolution with rescaled kernels.
     ``resume`` continues the run in ``out``; ``resume_anyway`` (implies it) also with other options.
+    ``keep_checkpoints`` keeps ``out/checkpoint`` (optimizer state) after the run finished.
     """
     cfg = cfg or TrainConfig()
     resume = resume or resume_anyway
@@ -166,7 +171,7 @@ def train(
     history = fit(loaded.model, dataset, cfg, out_dir=out, resume=resume, resume_anyway=resume_anyway,
                   schedule=schedule, model_info=_model_info(loaded))
     return _finish(loaded, loaded.model, dataset, cfg, history, out, time.perf_counter() - t0, "train",
-                   schedule_report(schedule, history))
+                   schedule_report(schedule, history), keep_checkpoints=keep_checkpoints)
 
 
 def _model_info(loaded: LoadedModel) -> dict[str, Any]:
@@ -198,6 +203,7 @@ def finetune(
     limit: int | None = None,
     schedule: ProgressiveResize | None = None,
     protect: Sequence[str | Path] = (),
+    keep_checkpoints: bool = False,
 ) -> TrainResult:
     """Fine-tune an artifact (or model) on ``data``, distilling from ``teacher`` when given."""
     cfg = cfg or TrainConfig(epochs=3, lr=FINETUNE_LR, warmup_epochs=0.0)
@@ -219,7 +225,7 @@ def finetune(
                   resume_anyway=resume_anyway, schedule=schedule, model_info=_model_info(loaded))
     return _finish(loaded, loaded.model, dataset, cfg, history, out, time.perf_counter() - t0, "finetune",
                    {"before": before, "teacher": teacher if isinstance(teacher, str) else None,
-                    **schedule_report(schedule, history)})
+                    **schedule_report(schedule, history)}, keep_checkpoints=keep_checkpoints)
 
 
 def compare_accuracy(models: dict[str, LoadedModel], data: str, *, limit: int | None = None) -> dict[str, Any]:

@@ -72,9 +72,14 @@ def test_interrupt_then_resume_equals_uninterrupted_run(tmp_path):
 
 
 def test_train_and_finetune_with_teacher_write_artifacts(tmp_path):
-    base = train(loaded(tiny_cnn()), "digits", TrainConfig(epochs=1, **FAST), out=tmp_path / "base", limit=96)
+    base = train(loaded(tiny_cnn()), "digits", TrainConfig(epochs=1, **FAST), out=tmp_path / "base", limit=96,
+                 keep_checkpoints=True)
     assert (tmp_path / "base" / "history.json").is_file()
     assert (tmp_path / "base" / "checkpoint" / "model.safetensors").is_file()
+    # By default a finished run keeps its final weights only: the checkpoint (optimizer state) goes.
+    train(loaded(tiny_cnn()), "digits", TrainConfig(epochs=1, **FAST), out=tmp_path / "lean", limit=96)
+    assert sorted(p.name for p in (tmp_path / "lean").iterdir()) == [
+        "curves.png", "history.json", "model.safetensors", "recipe.json", "report.json"]
     fused = surgery.apply(loaded(surgery.load(tmp_path / "base", base_model=tiny_cnn())), "fuse", measure=False)
     tuned = finetune(fused.as_loaded(), "digits", TrainConfig(epochs=1, **FAST), teacher=base.model,
                      out=tmp_path / "tuned", limit=96)

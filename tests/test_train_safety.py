@@ -32,8 +32,11 @@ ROOT = Path(__file__).parent.parent
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
 MODEL = "test_resnet"  # timm's 0.4M-parameter test net
 # 24 batches an epoch: long enough to be killed mid-epoch, short enough for a 2-core box.
-RUN = ["train", MODEL, "--input-size", "16", "--limit", "384", "--batch-size", "16", "--epochs", "3"]
-SMALL = ["train", MODEL, "--input-size", "16", "--limit", "64", "--batch-size", "16", "--epochs", "1"]
+# Runs whose checkpoint the tests resume from or check: kept after they finish.
+RUN = ["train", MODEL, "--input-size", "16", "--limit", "384", "--batch-size", "16", "--epochs", "3",
+       "--keep-checkpoints"]
+SMALL = ["train", MODEL, "--input-size", "16", "--limit", "64", "--batch-size", "16", "--epochs", "1",
+         "--keep-checkpoints"]
 TIMING = ("seconds", "images_per_s")
 
 
