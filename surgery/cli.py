@@ -22,14 +22,15 @@ log = logging.getLogger("surgery")
 
 
 def _model_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("model", help="timm model name, torchvision:NAME, or an artifact folder from --out")
+    p.add_argument("model", nargs="?", help="timm model name, torchvision:NAME, or an artifact folder from --out")
     p.add_argument("--weights", help="weights to load: .safetensors or a state-dict .pth (a training checkpoint "
                                      "too); for torchvision: a weights name such as IMAGENET1K_V2")
     p.add_argument("--pretrained", action="store_true",
                    help="the library's pretrained weights by name (timm: resnet50.a1_in1k, hf-hub:org/name; "
                         "torchvision: DEFAULT), from its cache (HF_HOME, TORCH_HOME; offline: HF_HUB_OFFLINE=1)")
     p.add_argument("--num-classes", type=limits.num_classes_arg, help="classifier size (default: the model's)")
-    p.add_argument("--input-size", help="input as H, HxW or CxHxW (default: the model's pretrained_cfg)")
+    p.add_argument("--input-size", nargs="+", metavar="SIZE",
+                   help="input as H, HxW, CxHxW or C H W (default: the model's pretrained_cfg)")
     p.add_argument("--json", action="store_true", help="print the result as JSON on stdout")
     p.add_argument("--max-memory", type=limits.memory_arg, metavar="SIZE",
                    help="refuse sizes whose memory estimate exceeds this, e.g. 8G, 512M (default: this machine's RAM)")
@@ -39,8 +40,8 @@ def _train_args(p: argparse.ArgumentParser, *, epochs: bool = True, default_epoc
     g = p.add_argument_group("training")
     if epochs:
         g.add_argument("--epochs", type=int, default=default_epochs)
-    g.add_argument("--batch-size", type=int, default=64, help="global batch (split over torchrun processes)")
-    g.add_argument("--optimizer", choices=["sgd", "adamw"], default="sgd")
+    g.add_argument("-b", "--batch-size", type=int, default=64, help="global batch (split over torchrun processes)")
+    g.add_argument("--optimizer", "--opt", choices=["sgd", "adamw"], default="sgd")
     g.add_argument("--lr", type=float, help="peak learning rate (default: 0.1 sgd, 1e-3 adamw; 0.001 finetune)")
     g.add_argument("--weight-decay", type=float)
     g.add_argument("--warmup-epochs", type=float)
@@ -51,9 +52,18 @@ def _train_args(p: argparse.ArgumentParser, *, epochs: bool = True, default_epoc
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--compile", action="store_true", help="torch.compile the model")
     g.add_argument("--deterministic", action="store_true", help="deterministic algorithms (slower)")
+    g.add_argument("-j", "--workers", type=int, help="data loading processes (default: none for in-memory data, "
+                                                     "up to 8 for image folders)")
+    g.add_argument("--device", help="cpu, cuda or cuda:N (default: CUDA when there is a GPU)")
     g.add_argument("--limit", type=int, help=argparse.SUPPRESS)  # first N images: quick runs and tests
     g.add_argument("--keep-checkpoints", action="store_true",
                    help="keep --out/checkpoint (optimizer state, for --resume) after the run finished")
+
+
+def _config_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", metavar="FILE",
+                   help="options from a YAML or JSON file (epochs: 3, pass: [fuse], model: resnet50, ...); "
+                        "flags on the command line override it")
 
 
 RESCALE_EPOCHS = 3  # default --rescale-epochs
@@ -93,6 +103,7 @@ def _train_config(args: argparse.Namespace, *, finetune: bool = False):
     warmup = args.warmup_epochs if args.warmup_epochs is not None else (0.0 if finetune else 1.0)
     lr = args.lr if args.lr is not None else (FINETUNE_LR if finetune else None)
     return TrainConfig(epochs=epochs, max_steps=args.max_steps, batch_size=args.batch_size,
+                       workers=args.workers, device=args.device,
                        optimizer=args.optimizer, lr=lr, weight_decay=args.weight_decay, warmup_epochs=warmup,
                        label_smoothing=args.label_smoothing, distill_weight=args.distill_weight,
                        distill_temperature=args.distill_temperature, seed=args.seed, compile=args.compile,
@@ -111,7 +122,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("apply", help="run passes on a model, report, and save an artifact",
                        description="Trace MODEL, run each --pass in order, print a before/after report.")
     _model_args(p)
-    p.add_argument("--pass", dest="passes", action="append", required=True, metavar="SPEC",
+    p.add_argument("--pass", dest="passes", action="append", metavar="SPEC",
                    help="NAME or NAME:key=value,key=value (repeatable; `surgery passes` lists them)")
     p.add_argument("--out", help="artifact folder: recipe.json, model.safetensors, report.json")
     p.add_argument("--onnx", action="store_true", help="also write model.onnx and check it against onnxruntime")
@@ -124,17 +135,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", help="digits or an ImageFolder path: data for --finetune-epochs, and calibration "
                    "images for passes that use them (prune: importance=taylor, compensate=on)")
     _train_args(p, epochs=False)
+    _config_arg(p)
 
     p = sub.add_parser("train", help="train a model on a data set (a baseline to operate on)")
     _model_args(p)
     p.add_argument("--data", default="digits", help="digits (built in) or an ImageFolder path")
     p.add_argument("--out", help="artifact folder (checkpoints each epoch, history.json)")
     p.add_argument("--force", action="store_true", help="replace a non-empty --out folder")
-    p.add_argument("--resume", action="store_true", help="continue the interrupted run in --out")
+    p.add_argument("--resume", nargs="?", const=True, default=False, metavar="RUN",
+                   help="continue the interrupted run in --out (or in RUN)")
     p.add_argument("--resume-anyway", action="store_true",
                    help="--resume even though training options (e.g. --epochs, --lr) differ from the checkpoint's")
     _train_args(p)
     _rescale_args(p)
+    _config_arg(p)
 
     p = sub.add_parser("finetune", help="fine-tune an artifact (after surgery), optionally distilling")
     _model_args(p)
@@ -142,11 +156,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--teacher", help="model or artifact to distill from (e.g. the model before surgery)")
     p.add_argument("--out", required=True, help="folder for the fine-tuned artifact")
     p.add_argument("--force", action="store_true", help="replace a non-empty --out folder")
-    p.add_argument("--resume", action="store_true", help="continue the interrupted run in --out")
+    p.add_argument("--resume", nargs="?", const=True, default=False, metavar="RUN",
+                   help="continue the interrupted run in --out (or in RUN)")
     p.add_argument("--resume-anyway", action="store_true",
                    help="--resume even though training options (e.g. --epochs, --lr) differ from the checkpoint's")
     _train_args(p, default_epochs=3)
     _rescale_args(p)
+    _config_arg(p)
 
     p = sub.add_parser("evaluate", help="top-1 / top-5 / loss on the val split")
     _model_args(p)
@@ -444,8 +460,38 @@ COMMANDS = {
 }
 
 
+def _with_config(parser: argparse.ArgumentParser, argv: list[str], args: argparse.Namespace) -> list[str]:
+    """``argv`` with the options of ``--config`` added (the command line's own win)."""
+    from .cliconfig import config_tokens, read_config
+
+    sub = parser._subparsers._group_actions[0].choices[args.verb]  # type: ignore[union-attr]
+    i = argv.index(args.verb)
+    tokens = config_tokens(sub, read_config(args.config), argv[i + 1:], args.config,
+                           model_given=getattr(args, "model", None) is not None)
+    model = [tokens.pop(0)] if tokens and not tokens[0].startswith("-") else []
+    return argv[:i + 1] + model + argv[i + 1:] + tokens
+
+
+def _normalize(args: argparse.Namespace) -> None:
+    """What the parser cannot check alone: a model given, sizes as one string, --resume RUN."""
+    from .errors import SurgeryError
+
+    if hasattr(args, "model") and args.model is None:
+        raise SurgeryError(f"give a MODEL: surgery {args.verb} MODEL ... (or model: in --config)")
+    if getattr(args, "input_size", None) is not None:
+        args.input_size = args.input_size[0] if len(args.input_size) == 1 else "x".join(args.input_size)
+    if args.verb == "apply" and not args.passes:
+        raise SurgeryError("give at least one --pass NAME[:key=value,...] (or pass: in --config)")
+    if isinstance(getattr(args, "resume", None), str):
+        if args.out and Path(args.out).absolute() != Path(args.resume).absolute():
+            raise SurgeryError(f"--resume {args.resume} and --out {args.out} name different runs; give one")
+        args.out, args.resume = args.resume, True
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = parser.parse_args(argv)
     # Our own steps at INFO; other libraries' loggers only from WARNING, under their names.
     logging.basicConfig(level=logging.WARNING, format="%(name)s: %(message)s", stream=sys.stderr)
     for handler in [h for h in log.handlers if getattr(h, "surgery_cli", False)]:
@@ -462,6 +508,9 @@ def main(argv: list[str] | None = None) -> int:
     from .errors import Interrupted, ParityError, SurgeryError  # no torch: `predict` runs without it
 
     try:
+        if getattr(args, "config", None):
+            args = parser.parse_args(_with_config(parser, argv, args))
+        _normalize(args)
         limits.set_max_memory(getattr(args, "max_memory", None))  # None: the machine's RAM
         return COMMANDS[args.verb](args)
     except Interrupted as exc:  # Ctrl-C during training: the message says what was saved

@@ -74,6 +74,8 @@ class TrainConfig:
     channels_last: bool | None = None  # None: on with CUDA
     compile: bool = False
     deterministic: bool = False
+    workers: int | None = None  # DataLoader processes; None: surgery.data.default_workers
+    device: str | None = None  # "cpu", "cuda", "cuda:N"; None: CUDA when available
     progress: bool = True
 
     def resolved_lr(self) -> float:
@@ -87,9 +89,14 @@ class TrainConfig:
 
 def run_config(cfg: TrainConfig, *, amp: bool, channels_last: bool, processes: int = 1,
                schedule: ProgressiveResize | None = None) -> dict[str, Any]:
-    """The options that shape the math, resolved for this run (defaults filled in; not ``progress``)."""
+    """The options that shape the math, resolved for this run (defaults filled in).
+
+    Not ``progress``, nor ``device`` (its effect on the math is in ``amp`` and
+    ``channels_last``), nor ``workers``: like its default (which follows the machine's cores),
+    it decides which process draws which augmentation, so runs are bit-identical at equal workers.
+    """
     out = asdict(cfg)
-    del out["progress"]
+    del out["progress"], out["device"], out["workers"]
     out.update(lr=cfg.resolved_lr(), weight_decay=cfg.resolved_weight_decay(), amp=amp,
                channels_last=channels_last, processes=processes, schedule=_schedule_text(schedule))
     return out
@@ -130,7 +137,23 @@ def setup_distributed() -> Dist:
     return Dist(dist.get_rank(), dist.get_world_size(), local)
 
 
-def pick_device(d: Dist) -> torch.device:
+def pick_device(d: Dist, requested: str | None = None) -> torch.device:
+    """``requested`` (cpu, cuda, cuda:N) if this machine has it; else CUDA when there is a GPU."""
+    if requested:
+        try:
+            device = torch.device(requested)
+        except RuntimeError:
+            raise SurgeryError(f"--device {requested!r} is not a device; give cpu, cuda or cuda:N") from None
+        if device.type == "cuda":
+            if not torch.cuda.is_available():
+                raise SurgeryError(f"--device {requested}: this machine has no CUDA device; use --device cpu")
+            index = device.index if device.index is not None else d.local_rank
+            if index >= torch.cuda.device_count():
+                raise SurgeryError(f"--device {requested}: only {torch.cuda.device_count()} CUDA device(s) here")
+            return torch.device("cuda", index)
+        if device.type != "cpu":
+            raise SurgeryError(f"--device {requested}: surgery trains on cpu or cuda")
+        return device
     return torch.device("cuda", d.local_rank) if torch.cuda.is_available() else torch.device("cpu")
 
 
@@ -324,7 +347,7 @@ def fit(
     resolution first and switches to ``model`` at full size at an epoch boundary.
     """
     d = setup_distributed()
-    device = pick_device(d)
+    device = pick_device(d, cfg.device)
     use_cuda = device.type == "cuda"
     amp = cfg.amp if cfg.amp is not None else use_cuda
     channels_last = cfg.channels_last if cfg.channels_last is not None else use_cuda
@@ -404,7 +427,7 @@ def fit(
                 if state.step >= total_steps:
                     break
                 loader = make_loader(net_data.train, per_rank_batch, train=True, seed=cfg.seed, epoch=epoch,
-                                     rank=d.rank, world=d.world)
+                                     rank=d.rank, world=d.world, workers=cfg.workers)
                 train_model.train()
                 if not state.batches_in_epoch:
                     state.partial = {"loss": 0.0, "correct": 0.0, "n": 0.0, "distill": 0.0, "lr": None}
