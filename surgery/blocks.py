@@ -442,6 +442,13 @@ def collapse(gm: fx.GraphModule, blocks: Sequence[Block]) -> fx.GraphModule:
             add.replace_all_uses_with(skip)
             gm.graph.erase_node(add)
             _out_of_place(gm, skip)
+        # The branch goes with its checks: dead-code elimination keeps a traced `_assert` (impure) and
+        # with it the convs feeding it (skresnet's shape check), so the block's own nodes go here.
+        for name in reversed(b.span):
+            n = nodes.get(name)
+            if n is not None and n.graph is gm.graph and not n.users and n.op != "output":
+                gm.graph.erase_node(n)
+                nodes.pop(name)
     return finalize(gm)
 
 

@@ -247,3 +247,15 @@ def test_flops_by_node_sums_to_the_reports_counter():
     per_node = flops_by_node(gm, torch.randn(1, 3, 64, 64))
     assert sum(per_node.values()) == count_model(model, (3, 64, 64))["flops"]
     assert per_node["stem_0"] == 2 * 40 * 16 * 16 * 3 * 4 * 4  # the 4x4/4 stem: out x in x kernel
+
+
+def test_a_block_whose_branch_feeds_a_traced_shape_check_leaves_the_graph():
+    # skresnet's selective-kernel branch ends in a traced torch._assert: dead-code elimination kept it, and
+    # the convs feeding it, so "collapsed" blocks still computed (FLOPs 0.745x where 0.490x was expected).
+    model = timm.create_model("skresnet18", num_classes=10).eval()
+    result = surgery.apply(model, "ebcle:depth=4", input_size="32", latency=False)
+    step = result.report["passes"][0]
+    target = step["effect"]["target"]
+    assert target["met"] and target["reached_flops"] == pytest.approx(target["expected_flops"], rel=0.01)
+    assert target["reached_flops"] < 0.6
+    assert not any("still compute" in n for n in step["notes"])

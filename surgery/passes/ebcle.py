@@ -448,6 +448,9 @@ def ebcle(gm: fx.GraphModule, cfg: EbcleConfig, ctx: PassContext) -> fx.GraphMod
     gm = collapse(gm, removed)
     # A block counts as collapsed only when its compute left the graph (none of its nodes is left).
     live = {n.name for n in gm.graph.nodes}
+    spans = {name for b in removed for name in b.span}
+    # Nodes outside the spans that only the removed blocks used (a block's relative-position MLP) go too.
+    held += sum(f for name, f in per_node.items() if name not in live and name not in spans)
     stayed = [b for b in removed if any(name in live for name in b.span)]
     gone = {b.name for b in removed}
     left = [b for b in structure.blocks if b.collapsible and b.name not in gone]
