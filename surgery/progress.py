@@ -56,7 +56,8 @@ class Steps:
 
     def __init__(self, desc: str, total: int) -> None:
         self.timings: list[tuple[str, float]] = []
-        self._bar = _tqdm(total=total, desc=desc, unit="step", leave=False,
+        # mininterval 0: a handful of updates, each one drawn (tqdm would skip those 0.1 s apart)
+        self._bar = _tqdm(total=total, desc=desc, unit="step", leave=False, mininterval=0,
                           bar_format="{desc}: {n_fmt}/{total_fmt} steps |{bar}| {elapsed}<{remaining} {postfix}",
                           ) if enabled() else None
 
