@@ -62,3 +62,15 @@ def test_the_table_says_noisy_instead_of_a_ratio():
     row8 = next(line for line in table.splitlines() if line.startswith("CPU latency b=8"))
     assert row1.endswith("noisy") and "2 thr" in row1 and row8.endswith("0.500x")
     assert "latency b=1: no ratio stated, the measurement is noisy (after spread" in table
+
+
+def test_the_noisy_explanation_survives_an_onnx_row():
+    # The ONNX row's own latency dict once shadowed the CPU latency: the "no ratio stated" line went missing.
+    base = {"params": 10, "macs": 5, "flops": 10}
+    noisy = {**latency_verdict(STEADY, [10, 30, 10, 28, 11, 31, 10, 29, 12], load=0.5, cores=2), "load": 0.5}
+    onnx = {"parity": {"max_abs_diff": {"1": 1e-9}, "ok": True}, "latency_ms": {"torch": 4.0, "onnxruntime": 2.0}}
+    report = {"before": base, "after": base, "drift": None, "input_size": [3, 8, 8], "new_input_size": [3, 4, 4],
+              "latency": {"threads": 2, "cores": 2, "batches": {"1": noisy}}, "onnx": onnx}
+    table = format_table(report)
+    assert "latency b=1: no ratio stated, the measurement is noisy" in table
+    assert next(ln for ln in table.splitlines() if ln.startswith("ORT vs torch")).endswith("0.500x")
