@@ -384,3 +384,40 @@ def test_layout_algebra_refines_leaves_on_slices_and_reshapes():
     assert cg.roots(other) == cg.roots(left)
     cg.unify(Fixed(8), rest, "test")  # rest meets non-channel positions: all of it is fixed
     assert not [g for g in cg.groups() if cg.roots(a)[0] == g.id]
+
+
+@pytest.mark.parametrize("groups", [1, 2])
+def test_conv_transpose_prunes_its_input_and_output_channels(groups):
+    """Decoders and upsampling heads: ConvTranspose2d's weight is (in, out / groups, k, k)."""
+    torch.manual_seed(0)
+    net = randomize_norm_stats(nn.Sequential(
+        nn.Conv2d(3, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(),
+        nn.ConvTranspose2d(16, 8, 2, stride=2, groups=groups), nn.BatchNorm2d(8), nn.ReLU(),
+        nn.Conv2d(8, 4, 1))).eval()
+    x = torch.randn(2, 3, 8, 8)
+    gm = trace(net, x)
+    cg = build(gm)
+    convt = next(name for name in cg.modules if getattr(gm.get_submodule(name), "transposed", False))
+    layouts = {(m.param, m.axis): m.role for m in cg.members if m.param.startswith(convt)}
+    assert layouts == {(f"{convt}.weight", 0): "in", (f"{convt}.weight", 1): "out", (f"{convt}.bias", 0): "out"}
+    assert all(g.prunable for g in cg.groups() if any(m.param.startswith(convt) for m in g.members))
+    ref, out, pruned = prune_dead_channels(gm, x)
+    assert out.shape == ref.shape == (2, 4, 16, 16)
+    assert (out - ref).abs().max().item() <= PRESERVE_ATOL * max(1.0, ref.abs().max().item())
+    t = pruned.get_submodule(convt)
+    assert t.in_channels < 16 and t.out_channels < 8  # whole groups may go too (groups=2 -> 1)
+    assert t.weight.shape == (t.in_channels, t.out_channels // t.groups, 2, 2)
+
+
+def test_prune_flops_target_counts_conv_transpose():
+    import surgery
+
+    torch.manual_seed(0)
+    c = 128  # two groups whose product is the compute: one channel is a 1.5% step at 64, 0.8% at 128
+    net = nn.Sequential(nn.Conv2d(3, c, 3, padding=1), nn.ReLU(), nn.ConvTranspose2d(c, c, 2, stride=2),
+                        nn.ReLU(), nn.Conv2d(c, 4, 1)).eval()
+    result = surgery.apply(net, "prune:flops=0.5,round_to=1", example_inputs=torch.randn(2, 3, 8, 8), latency=False)
+    target = result.report["passes"][0]["effect"]["target"]
+    assert target["met"] and target["reached_flops"] == pytest.approx(0.5, rel=0.01)
+    note = next(n for n in result.report["passes"][0]["notes"] if n.startswith("FLOPs target"))
+    assert note.split("estimate ")[1].startswith(f"{target['reached_flops']:.3f}")  # the estimate knows it too

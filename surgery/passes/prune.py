@@ -362,6 +362,10 @@ def estimate_flops(gm: fx.GraphModule, cg: ChannelGraph, counts: dict[int, int])
             m = get_module(gm, node)
             k_in = cg.kept(cg.modules[node.target][1]["k_in"], counts)
             total += 2 * out * k_in * math.prod(m.kernel_size)
+        elif kind == "conv_transpose":  # every input value feeds k_out x kernel outputs
+            m = get_module(gm, node)
+            k_out = cg.kept(cg.modules[node.target][1]["k_out"], counts)
+            total += 2 * math.prod(cg.new_shape(node.args[0].name, counts)) * k_out * math.prod(m.kernel_size)
         elif kind in ("linear", "matmul"):
             total += 2 * out * cg.new_shape(node.args[0].name, counts)[-1]
         elif kind == "sdpa":
@@ -471,8 +475,8 @@ def _flops_search(gm: fx.GraphModule, cg: ChannelGraph, choices: list[_Choice], 
             why = f"removing up to max_ratio={cfg.max_ratio:g} of every prunable group"
             why += f"; {len(whole)} group(s) kept whole: {_reason_summary(whole)}" if whole else ""
         else:
-            why = (f"the closest {len(choices)} group(s) reach in steps of round_to={cfg.round_to} "
-                   f"(round_to=1 for finer steps)")
+            why = (f"the closest {len(choices)} group(s) reach in steps of round_to={cfg.round_to}"
+                   + (" (round_to=1 for finer steps)" if cfg.round_to > 1 else " (one channel)"))
         ctx.target["cause"] = f"{real:.3f}x: {why}"
     return ratio, counts
 
