@@ -795,7 +795,7 @@ class ChannelGraph:
         if type(m) in _CONV_TYPES and not m.transposed and isinstance(m.padding, (tuple, int, str)):
             self._conv(node, m)
         elif type(m) in _CONV_TRANSPOSE_TYPES and m.padding_mode == "zeros":
-            self._conv_transpose(node, m)
+            self._conv(node, m, transposed=True)
         elif type(m) in _LINEAR_TYPES:
             ports = self._module_ports.get(name)
             if ports is None:
@@ -829,37 +829,9 @@ class ChannelGraph:
         else:
             raise _Unsupported(f"unsupported module {type(m).__name__} at {name}")
 
-    def _conv(self, node: fx.Node, m: nn.Module) -> None:
-        name = node.target
-        ports = self._module_ports.get(name)
-        if ports is None:
-            g = m.groups
-            group = self.new_leaf(g)
-            k_in, k_out = self.new_leaf(m.in_channels // g), self.new_leaf(m.out_channels // g)
-            if g > 1:
-                self.tag(k_in, "group_width")
-                self.tag(k_out, "group_width")
-            ports = {"groups": group, "k_in": k_in,
-                     "in": _mk(Prod, [group, k_in], m.in_channels),
-                     "out": _mk(Prod, [group, k_out], m.out_channels)}
-            self._module_ports[name] = ports
-            self._member(f"{name}.weight", 0, ports["out"], "out")
-            self._member(f"{name}.weight", 1, k_in, "in")
-            if m.bias is not None:
-                self._member(f"{name}.bias", 0, ports["out"], "out")
-            self.modules[name] = ("conv", ports)
-        x = self._d(node.args[0])
-        if len(node.args) != 1 or node.kwargs:
-            raise _Unsupported()
-        self.unify(x[1], ports["in"], node.name)
-        for d in x[2:]:
-            self.fix(d, f"spatial dim carries channels at {node.name}")
-        out = _shape(node)
-        self.dims[node.name] = [x[0], ports["out"]] + [Fixed(s) for s in out[2:]]
-        self.compute.append((node.name, "conv"))
-
-    def _conv_transpose(self, node: fx.Node, m: nn.Module) -> None:
-        """Weight (in, out / groups, *k): axis 0 reads the input channels, axis 1 makes a group's outputs."""
+    def _conv(self, node: fx.Node, m: nn.Module, transposed: bool = False) -> None:
+        """A conv's weight is (out, in / groups, k...); a transposed conv's (in, out / groups, k...): its axis 0
+        reads the input channels and axis 1 makes each group's outputs."""
         name = node.target
         ports = self._module_ports.get(name)
         if ports is None:
@@ -873,20 +845,24 @@ class ChannelGraph:
                      "in": _mk(Prod, [group, k_in], m.in_channels),
                      "out": _mk(Prod, [group, k_out], m.out_channels)}
             self._module_ports[name] = ports
-            self._member(f"{name}.weight", 0, ports["in"], "in")
-            self._member(f"{name}.weight", 1, k_out, "out")
+            if transposed:
+                self._member(f"{name}.weight", 0, ports["in"], "in")
+                self._member(f"{name}.weight", 1, k_out, "out")
+            else:
+                self._member(f"{name}.weight", 0, ports["out"], "out")
+                self._member(f"{name}.weight", 1, k_in, "in")
             if m.bias is not None:
                 self._member(f"{name}.bias", 0, ports["out"], "out")
-            self.modules[name] = ("conv", ports)  # in_channels, out_channels, groups: as a conv's
+            self.modules[name] = ("conv", ports)  # in_channels, out_channels, groups: the same attributes
         x = self._d(node.args[0])
-        if len(node.args) != 1 or node.kwargs:  # output_size= would pin the spatial size, not channels
+        if len(node.args) != 1 or node.kwargs:  # e.g. a transposed conv's output_size=
             raise _Unsupported()
         self.unify(x[1], ports["in"], node.name)
         for d in x[2:]:
             self.fix(d, f"spatial dim carries channels at {node.name}")
         out = _shape(node)
         self.dims[node.name] = [x[0], ports["out"]] + [Fixed(s) for s in out[2:]]
-        self.compute.append((node.name, "conv_transpose"))
+        self.compute.append((node.name, "conv_transpose" if transposed else "conv"))
 
     def _norm(self, node: fx.Node, m: nn.Module, axis: int, kind: str) -> None:
         name = node.target
