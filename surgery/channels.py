@@ -197,6 +197,12 @@ def _acts_ok(m: nn.Module) -> bool:
     return all(_is_elementwise_module(sub) for name, sub in m.named_children() if name in ("act", "drop"))
 
 
+def _is_stochastic_depth(fn: Any) -> bool:
+    """torchvision.ops.stochastic_depth (an fx leaf in torchvision's ConvNeXt, EfficientNet, Swin blocks)."""
+    return getattr(fn, "__name__", None) == "stochastic_depth" and \
+        str(getattr(fn, "__module__", "")).startswith("torchvision.ops")
+
+
 def _is_timm_window_op(fn: Any) -> bool:
     """timm's swin-style window_partition / window_reverse (fx leaves): they move pixels, not channels."""
     return (callable(fn) and getattr(fn, "__name__", "") in ("window_partition", "window_reverse")
@@ -761,6 +767,10 @@ class ChannelGraph:
             self._unbind(node)
         elif not method and target is F.linear:
             self._functional_linear(node)
+        elif not method and target is F.layer_norm:
+            self._functional_layer_norm(node)
+        elif not method and _is_stochastic_depth(target):
+            self._elementwise(node)  # torchvision's: identity in eval, one draw per sample in training
         elif not method and target is F.scaled_dot_product_attention:
             self._sdpa(node)
         elif (method and name in ("matmul", "bmm")) or (
@@ -957,6 +967,22 @@ class ChannelGraph:
                 self.unify(cands[0], c, node.name)
             dims.append(cands[0])
         return dims
+
+    def _functional_layer_norm(self, node: fx.Node) -> None:
+        """F.layer_norm over the last dim (torchvision's LayerNorm2d): weight and bias are the channel's."""
+        x = self._d(node.args[0])
+        shape = _arg(node, 1, "normalized_shape")
+        if not (isinstance(shape, (list, tuple)) and len(shape) == 1) or _shape(node) != _shape(node.args[0]):
+            raise _Unsupported()
+        for index, name in ((2, "weight"), (3, "bias")):
+            p = _arg(node, index, name)
+            if p is None:
+                continue
+            if not isinstance(p, fx.Node) or p.name not in self.dims or len(self.dims[p.name]) != 1:
+                raise _Unsupported()
+            self.unify(self.dims[p.name][0], x[-1], node.name)
+        self.dims[node.name] = list(x)
+        self.edits.append((node.name, "layer_norm", {}))
 
     def _elementwise(self, node: fx.Node) -> None:
         tensors = [a for a in _flat_nodes((node.args, node.kwargs)) if a.name in self.dims]
@@ -1398,6 +1424,12 @@ class ChannelGraph:
                 self._edit_split(node, data["dim"], counts)
             elif kind == "slice":
                 self._edit_slice(node, data["slices"], data["items"], keep)
+            elif kind == "layer_norm":
+                size = (self.kept(self.dims[name][-1], counts),)
+                if len(node.args) > 1:
+                    node.args = (node.args[0], size) + tuple(node.args[2:])
+                else:
+                    node.kwargs = {**node.kwargs, "normalized_shape": size}
             elif kind == "sdpa":
                 q = self.dims[_arg(node, 0, "query").name][-1]
                 if self.kept(q, counts) != q.size and _arg(node, 6, "scale") is None:

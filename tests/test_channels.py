@@ -59,6 +59,18 @@ def _gn_ignoring_dead_channels(module, inputs, output):
     return y
 
 
+def _layer_norm_ignoring_dead_channels(x, normalized_shape, weight=None, bias=None, eps=1e-5):
+    """F.layer_norm whose statistics skip the all-zero channels (as _ln_ignoring_dead_channels, for graphs
+    where a LayerNorm2d was traced through into F.layer_norm)."""
+    live = x.reshape(-1, x.shape[-1]).abs().amax(0) > 0
+    if bool(live.all()):
+        return F.layer_norm(x, normalized_shape, weight, bias, eps)
+    y = torch.zeros_like(x)
+    y[..., live] = F.layer_norm(x[..., live], (int(live.sum()),), None if weight is None else weight[live],
+                                None if bias is None else bias[live], eps)
+    return y
+
+
 def choose_removed(cg, seed=0, fraction=0.25):
     """Keep masks that drop about ``fraction`` of every prunable group (at least one channel)."""
     rng = np.random.default_rng(seed)
@@ -100,6 +112,10 @@ def prune_dead_channels(gm, x, seed=0, skip_member=None):
             m.register_forward_hook(_ln_ignoring_dead_channels)
         elif isinstance(m, nn.GroupNorm):
             m.register_forward_hook(_gn_ignoring_dead_channels)
+    for n in reference.graph.nodes:  # a LayerNorm2d traced through (torchvision's) is F.layer_norm
+        if n.target is F.layer_norm:
+            n.target = _layer_norm_ignoring_dead_channels
+    reference.recompile()
     with torch.no_grad():
         ref = reference(x)
         cg.apply(gm, keep)
@@ -421,3 +437,24 @@ def test_prune_flops_target_counts_conv_transpose():
     assert target["met"] and target["reached_flops"] == pytest.approx(0.5, rel=0.01)
     note = next(n for n in result.report["passes"][0]["notes"] if n.startswith("FLOPs target"))
     assert note.split("estimate ")[1].startswith(f"{target['reached_flops']:.3f}")  # the estimate knows it too
+
+
+@pytest.mark.parametrize("name", ["convnext_tiny", "efficientnet_b0"])
+def test_torchvision_blocks_with_stochastic_depth_and_functional_layer_norm(name):
+    """torchvision's CNBlock / MBConv: `stochastic_depth` (elementwise) and LayerNorm2d traced into
+    F.layer_norm with get_attr weight and bias: every group prunable, the function preserved."""
+    import torchvision
+
+    torch.manual_seed(0)
+    model = randomize_norm_stats(torchvision.models.get_model(name, num_classes=10)).eval()
+    x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    gm = trace(model, x)
+    cg = build(gm)
+    whole = [g.reasons[0] for g in cg.groups() if not g.prunable]
+    assert sorted(r.split(" at ")[0] for r in whole) == ["model input", "model output"], whole
+    functional_ln = [n for n in gm.graph.nodes if n.target is F.layer_norm]
+    assert (len(functional_ln) > 0) == (name == "convnext_tiny")
+    ref, out, pruned = prune_dead_channels(gm, x)
+    assert out.shape == ref.shape == (2, 10)
+    assert (out - ref).abs().max().item() <= PRESERVE_ATOL * max(1.0, ref.abs().max().item())
+    assert _params(pruned) < 0.8 * _params(model)
