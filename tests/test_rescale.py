@@ -239,3 +239,38 @@ def test_shrink_then_grow_keeps_a_smooth_stem_close():
     k0, k2 = model.conv1.weight, big.model.conv1.weight
     assert math.isclose(k2.sum().item(), k0.sum().item(), rel_tol=1e-4)
     assert ((k2 - k0).abs().max() / k0.abs().max()).item() < ROUND_TRIP_7_3_7
+
+
+class _ResizesItsInput(nn.Module):
+    """Resizes any input back to 32x32 first (as crossvit does per branch): a smaller input saves nothing."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+        self.head = nn.Linear(8, 2)
+
+    def forward(self, x):
+        x = F.interpolate(x, size=(32, 32), mode="bilinear")
+        return self.head(self.conv(x).mean((2, 3)))
+
+
+class _PoolsToAFixedGrid(nn.Module):
+    """VGG's AdaptiveAvgPool2d((7, 7)) before the classifier: the convs before it still shrink."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+        self.pool = nn.AdaptiveAvgPool2d((7, 7))
+        self.head = nn.Linear(8 * 49, 2)
+
+    def forward(self, x):
+        return self.head(torch.flatten(self.pool(self.conv(x)), 1))
+
+
+def test_a_model_that_resizes_its_input_back_is_refused_naming_the_op():
+    with pytest.raises(SurgeryError, match=r"node interpolate resizes its input to a fixed 32x32 inside the model"):
+        surgery.apply(_ResizesItsInput().eval(), "rescale:factor=0.5", example_inputs=torch.randn(2, 3, 32, 32))
+    result = surgery.apply(_PoolsToAFixedGrid().eval(), "rescale:factor=0.5", example_inputs=torch.randn(2, 3, 28, 28),
+                           latency=False)
+    target = result.report["passes"][0]["effect"]["target"]
+    assert target["met"] and target["reached_flops"] < 0.6  # the conv's compute fell with the pixels

@@ -187,6 +187,9 @@ def _shape_dim(node: Any) -> tuple[fx.Node, int] | None:
     return None
 
 
+_ADAPTIVE_POOLS = (F.adaptive_avg_pool2d, F.adaptive_max_pool2d, F.adaptive_avg_pool1d, F.adaptive_max_pool1d)
+
+
 class _Follow(fx.Interpreter):
     """Run the graph at the new size, resizing what must follow just before it runs."""
 
@@ -216,6 +219,8 @@ class _Follow(fx.Interpreter):
             out = super().run_node(n)
             if isinstance(out, torch.Tensor):
                 self.shapes[n] = tuple(out.shape)  # env drops values after their last use
+                if self._fixed_resize(n):
+                    self._pinned(n, out)
             return out
         except SurgeryError:
             raise
@@ -226,6 +231,34 @@ class _Follow(fx.Interpreter):
                 f"rescale: {_where(n)} cannot follow the input size {h}x{w} ({reason}); "
                 + (self.hint or "choose another factor or leave this model at its size")
             ) from exc
+
+    def _fixed_resize(self, n: fx.Node) -> bool:
+        """A resize to a size of its own: F.interpolate(size=...) or Upsample(size=...), or any other
+        function that gives back the model's original input size (timm's scale_image in crossvit).
+        Adaptive pools are left alone: a pinned grid before a classifier is fine (VGG)."""
+        if n.op == "call_module":
+            m = self.module.get_submodule(n.target)
+            return isinstance(m, nn.Upsample) and m.size is not None
+        if n.op != "call_function" or n.target in _ADAPTIVE_POOLS or not (n.args and isinstance(n.args[0], fx.Node)):
+            return False
+        if n.target is F.interpolate:
+            return n.kwargs.get("size", n.args[1] if len(n.args) > 1 else None) is not None
+        placeholder = next(p for p in self.module.graph.nodes if p.op == "placeholder")
+        source, out = node_shape(placeholder), node_shape(n)
+        return source is not None and out is not None and len(out) == 4 and tuple(out[2:]) == tuple(source[2:])
+
+    def _pinned(self, n: fx.Node, out: torch.Tensor) -> None:
+        """Refuse a resize that gives the size it gave before from an input that changed: past it the model
+        computes at its old size, so the new input saves (or adds) nothing."""
+        before_in = node_shape(n.args[0]) if isinstance(n.args[0], fx.Node) else None
+        before_out = node_shape(n)
+        now_in = self.shapes.get(n.args[0]) if isinstance(n.args[0], fx.Node) else None
+        if before_in is None or before_out is None or now_in is None or len(before_in) != 4 or len(out.shape) != 4:
+            return
+        if tuple(now_in[2:]) != tuple(before_in[2:]) and tuple(out.shape[2:]) == tuple(before_out[2:]):
+            size = "x".join(map(str, out.shape[2:]))
+            raise SurgeryError(f"rescale: {_where(n)} resizes its input to a fixed {size} inside the model, so "
+                               "another input size changes nothing after it; leave this model at its size")
 
     def _in_hw(self, n: fx.Node) -> tuple[int, int]:
         x = self.env[n.args[0]] if isinstance(n.args[0], fx.Node) else None
