@@ -70,7 +70,7 @@ def caches(tmp_path):
 LOAD_ALL = f"""
 import json, sys, torch
 from surgery.models import load_model
-refs = {{k: torch.load(f"{{sys.argv[1]}}/{{k}}.pt") for k in ("timm", "torchvision")}}
+refs = {{k: torch.load(f"{{sys.argv[1]}}/{{k}}.pt", weights_only=True) for k in ("timm", "torchvision")}}
 out = {{}}
 for spec, kw, ref in [("{TIMM_NAME}", dict(pretrained=True), "timm"),
                       ("hf-hub:timm/{TIMM_NAME}", dict(pretrained=True), "timm"),
@@ -113,7 +113,7 @@ def test_apply_with_pretrained_records_the_weights_and_reloads(caches):
     recipe = json.loads((out / "recipe.json").read_text())
     assert recipe["source"]["weights"] == {"kind": "timm", "name": TIMM_NAME}
     model = surgery.load(out)  # the schema accepts the provenance; the artifact carries the weights
-    ref = torch.load(root / "timm.pt")
+    ref = torch.load(root / "timm.pt", weights_only=True)
     assert torch.equal(model.get_submodule("fc").weight, ref["fc.weight"])  # fuse leaves the classifier
 
 
