@@ -441,8 +441,8 @@ def _flops_search(gm: fx.GraphModule, cg: ChannelGraph, choices: list[_Choice], 
         return count_model(sliced, size)["flops"] / base
 
     ctx.target = {"kind": "flops", "requested": target, "expected_flops": target, "bound": "equal"}
-    if not base or not base_est or not choices:
-        ratio = cfg.max_ratio
+    if not base or not base_est or not choices:  # nothing the target could be measured on: prune nothing
+        ratio = 0.0
         counts = counts_at(ratio)
         ctx.target["cause"] = ("no prunable channel group" if not choices else
                                "no conv, linear or attention FLOPs to count")
