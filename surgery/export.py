@@ -31,6 +31,7 @@ from torch import nn
 
 from .errors import ParityError, SurgeryError
 from .graph import output_tensors
+from .predict import META_PREFIX  # the metadata contract, read there without torch
 from .progress import Steps
 from .safeio import atomic_file, check_parent
 
@@ -42,7 +43,7 @@ log = logging.getLogger(__name__)
 INPUT_NAME = "input"
 OUTPUT_NAME = "output"
 BATCH_DIM = "batch"
-EXPORTER_KEY = "surgery.exporter"
+EXPORTER_KEY = META_PREFIX + "exporter"
 # protobuf refuses to serialise a message of 2 GiB or more; keep 64 MiB of headroom for
 # the graph itself and for constants the exporter folds in next to the weights.
 SINGLE_FILE_LIMIT = 2**31 - 2**26
@@ -191,7 +192,6 @@ def _export_torchscript(model: nn.Module, x: torch.Tensor, path: Path, opset: in
     )
 
 
-META_PREFIX = "surgery."  # our keys in metadata_props: input_size, preprocess, classes, recipe_sha256
 
 
 def onnx_metadata(input_size: Sequence[int], io: dict[str, Any] | None = None,

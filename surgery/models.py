@@ -208,7 +208,9 @@ def torchvision_weights(name: str, choice: str) -> Any:
     return enum[key] if key != "DEFAULT" else enum.DEFAULT
 
 
-def _torchvision_model(name: str, num_classes: int | None, weights: str | None = None) -> tuple[nn.Module, dict]:
+def _torchvision_model(name: str, num_classes: int | None, weights: str | None = None,
+                       ) -> tuple[nn.Module, dict, dict]:
+    """The model, its source for the recipe, and its io (the weights' transform and categories)."""
     import torchvision
 
     names = torchvision.models.list_models()
@@ -240,7 +242,7 @@ def _torchvision_model(name: str, num_classes: int | None, weights: str | None =
     source = {"kind": "torchvision", "name": name, "kwargs": {k: v for k, v in kwargs.items() if k != "weights"}}
     if member is not None:
         source["weights"] = {"kind": "torchvision", "name": f"{type(member).__name__}.{member.name}"}
-    return model, source
+    return model, source, _torchvision_io(member)
 
 
 def build_source(source: dict[str, Any]) -> nn.Module:
@@ -461,9 +463,8 @@ def load_model(
         # Sizes are checked on a meta-device build first: nothing allocated if they are too big.
         limits.check_build(lambda: _torchvision_model(spec.split(":", 1)[1], num_classes)[0],
                            size or DEFAULT_INPUT_SIZE, what=what, num_classes=num_classes)
-        model, source = _torchvision_model(spec.split(":", 1)[1], num_classes, tv_weights)
-        member = torchvision_weights(source["name"], tv_weights) if tv_weights else None
-        loaded = LoadedModel(model, size or DEFAULT_INPUT_SIZE, source, io=_torchvision_io(member))
+        model, source, io = _torchvision_model(spec.split(":", 1)[1], num_classes, tv_weights)
+        loaded = LoadedModel(model, size or DEFAULT_INPUT_SIZE, source, io=io)
     else:
         limits.check_build(lambda: _timm_model(spec, num_classes, size)[0], size, what=what,
                            default_size=default_input_size, num_classes=num_classes)

@@ -15,7 +15,8 @@ import numpy as np
 
 from .errors import SurgeryError
 
-META_PREFIX = "surgery."  # as surgery.export writes them (that module imports torch; this one must not)
+# The ONNX metadata contract, owned here (surgery.export, which imports torch, writes with it).
+META_PREFIX = "surgery."
 JSON_KEYS = ("input_size", "preprocess", "classes", "recipe_sha256")  # surgery.exporter is a plain name
 NVIDIA_DRIVER = Path("/proc/driver/nvidia/version")
 
