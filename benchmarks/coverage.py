@@ -5,6 +5,12 @@ Run by hand (not part of pytest)::
     python benchmarks/coverage.py                       # smallest model of every timm family
     python benchmarks/coverage.py --models resnet18,vit_tiny_patch16_224 --no-onnx
     python benchmarks/coverage.py --models convnext_atto --merge   # update one row of the last run
+    python benchmarks/coverage.py --torchvision --passes prune --set prune:flops=0.5   # torchvision's zoo
+
+``--torchvision`` runs every classification builder of ``torchvision.models`` instead (random
+weights, each at its own input size: 224, inception_v3 299) and writes to
+``results/torchvision/`` unless ``--out`` says otherwise. ``--set prune:flops=0.5`` replaces
+a pass's options for the run (recorded in the table's header).
 
 A family is a timm model module (``timm.list_modules()``); its representative is its
 smallest model by parameter count, counted on the meta device and cached in
@@ -157,6 +163,34 @@ def load_families(refresh: bool) -> dict[str, Any]:
     return data
 
 
+TORCHVISION = "torchvision:"
+
+
+def torchvision_names() -> list[str]:
+    """Every classification builder of torchvision.models, as surgery names them."""
+    import torchvision
+
+    return [TORCHVISION + n for n in torchvision.models.list_models(module=torchvision.models)]
+
+
+def known_model(name: str) -> bool:
+    import timm
+
+    return name in torchvision_names() if name.startswith(TORCHVISION) else timm.is_model(name)
+
+
+def parse_set(specs: list[str]) -> dict[str, dict[str, str]]:
+    """``["prune:flops=0.5,scope=global"]`` -> ``{"prune": {"flops": "0.5", "scope": "global"}}``."""
+    out: dict[str, dict[str, str]] = {}
+    for spec in specs:
+        name, _, rest = spec.partition(":")
+        items = [i.strip() for i in rest.split(",") if i.strip()]
+        if not name or not items or any("=" not in i for i in items):
+            raise ValueError(f"--set {spec!r}: write PASS:key=value,...")
+        out.setdefault(name.strip(), {}).update(dict(i.split("=", 1) for i in items))
+    return out
+
+
 def family_of(names: list[str]) -> dict[str, str]:
     import timm
 
@@ -164,6 +198,11 @@ def family_of(names: list[str]) -> dict[str, str]:
     for module in timm.list_modules():
         for n in timm.list_models(module=module):
             out[n] = module
+    import torchvision
+
+    for n in torchvision.models.list_models(module=torchvision.models):
+        builder = torchvision.models.get_model_builder(n)
+        out[TORCHVISION + n] = "torchvision." + builder.__module__.rsplit(".", 1)[-1]
     return {n: out.get(n, "?") for n in names}
 
 
@@ -312,7 +351,7 @@ def check_changed(info: Any, cfg: Any, reference: Any, out: Any) -> str | None:
 
 
 def run_worker(name: str, result_path: Path, onnx: bool, threads: int, only: list[str] | None = None,
-               deep: tuple[str, ...] = DEEP_PASSES) -> int:
+               deep: tuple[str, ...] = DEEP_PASSES, options: dict[str, dict[str, Any]] | None = None) -> int:
     import logging
     import warnings
 
@@ -329,7 +368,9 @@ def run_worker(name: str, result_path: Path, onnx: bool, threads: int, only: lis
     from surgery.models import LoadedModel
     from surgery.errors import SurgeryError
     from surgery.pipeline import example_batch
+    from surgery.report import count_params
 
+    options = {**PASS_OPTIONS, **(options or {})}
     selected = [p for p in registry.available() if not only or p in only]
     record: dict[str, Any] = {"model": name, "stages": {}, "pass_order": selected,
                               "weight_seed": WEIGHT_SEED}
@@ -346,6 +387,7 @@ def run_worker(name: str, result_path: Path, onnx: bool, threads: int, only: lis
     model = loaded.model.eval()
     size = tuple(loaded.input_size)
     record["input_size"] = list(size)
+    record["params"] = count_params(model)
     prog.finish("build", t0, "ok")
 
     # trace
@@ -382,7 +424,7 @@ def run_worker(name: str, result_path: Path, onnx: bool, threads: int, only: lis
             continue
         t0 = prog.start(stage)
         try:
-            cfg = registry.make_config(pass_name, PASS_OPTIONS.get(pass_name, {}))
+            cfg = registry.make_config(pass_name, options.get(pass_name, {}))
         except Exception as exc:  # noqa: BLE001 - a pass without defaults cannot be benchmarked blind
             prog.finish(stage, t0, "skip", reason=f"needs options ({short_reason(exc)})")
             continue
@@ -524,6 +566,8 @@ def run_one(name: str, args: argparse.Namespace, tmpdir: Path) -> dict[str, Any]
     if args.passes:
         cmd += ["--passes", args.passes]
     cmd += ["--deep", args.deep]
+    for spec in args.set:
+        cmd += ["--set", spec]
     env = dict(os.environ)
     if args.threads > 0:
         env.setdefault("OMP_NUM_THREADS", str(args.threads))
@@ -715,8 +759,10 @@ def render_md(data: dict[str, Any]) -> str:
     passes, onnx = meta["passes"], meta["onnx"]
     summary = summarize(records, passes, onnx)
     cols = stage_columns(passes, onnx)
+    tv = all(r["model"].startswith(TORCHVISION) for r in records) and bool(records)
+    opts = meta.get("options") or {}
     lines = [
-        "# surgery coverage over timm",
+        "# surgery coverage over " + ("torchvision's classification models" if tv else "timm"),
         "",
         f"{meta['date']} · torch {meta['torch']} · timm {meta['timm']} · onnxruntime {meta.get('onnxruntime')} · "
         f"{meta['selection']} · timeout {meta['timeout']:.0f}s per model · "
@@ -725,15 +771,18 @@ def render_md(data: dict[str, Any]) -> str:
         "Columns: **trace**: `surgery.trace` at batch " f"{BATCH}, graph equal to eager within 1e-5 "
         "(leaf fallbacks = submodules kept opaque). "
         + " ".join(
-            f"**{p}**: `surgery.apply(gm, ['{p}'])` with default options from the traced graph; "
+            f"**{p}**: `surgery.apply(gm, ['{p}'])` with "
+            + (", ".join(f"{k}={v}" for k, v in opts[p].items()) if p in opts else "default options")
+            + " from the traced graph; "
             + md_escape(meta.get("expectations", {}).get(p, "runs"))
             + (" (cell: BatchNorms folded, max\\|diff\\|)." if p == "fuse" else ".")
             for p in passes
         )
         + (f" **onnx**: `export_onnx` of the {ONNX_FROM_PASS}-rewritten graph, then `check_parity` "
            f"against onnxruntime at batch {' and '.join(map(str, ONNX_BATCHES))}." if onnx else "")
-        + " **input**: the model's pretrained_cfg size (kept even above 256). "
-        "**seconds**: worker wall time (per-stage seconds). "
+        + (" **input**: the size of the model's torchvision weights transform (224; inception_v3 299). " if tv
+           else " **input**: the model's pretrained_cfg size (kept even above 256). ")
+        + "**seconds**: worker wall time (per-stage seconds). "
         "A pass cell is **ok** only where the pass changed the model, with its measured effect (FLOPs and "
         "params after / before, by the report's counter; ~: estimated where FlopCounterMode failed); "
         "**no-op** (reason): ran clean and changed nothing; **refused** (reason): the pass declined with a "
@@ -819,14 +868,21 @@ def versions() -> dict[str, str]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--models", help="comma-separated timm names (default: smallest of each family)")
+    parser.add_argument("--models", help="comma-separated timm names or torchvision:NAME "
+                        "(default: smallest of each family)")
+    parser.add_argument("--torchvision", action="store_true",
+                        help="every classification model of torchvision.models instead of the timm families")
+    parser.add_argument("--set", action="append", default=[], metavar="PASS:key=value,...",
+                        help="options of one pass for this run, replacing its defaults (repeatable)")
     parser.add_argument("--families", help="comma-separated timm modules to restrict the default list to")
     parser.add_argument("--exclude", help="comma-separated timm names to leave out of the list")
     parser.add_argument("--timeout", type=float, default=300, help="seconds per model (default 300)")
     parser.add_argument("--jobs", type=int, default=1, help="models run at once (default 1)")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch threads per worker (default: torch's own with --jobs 1, else 1)")
-    parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="folder for coverage.md/.json")
+    parser.add_argument("--out", type=Path, default=None,
+                        help="folder for coverage.md/.json (default benchmarks/results, torchvision/ below it "
+                             "with --torchvision)")
     parser.add_argument("--no-onnx", action="store_true", help="skip the ONNX column")
     parser.add_argument("--passes", help="comma-separated passes to run (default: every registered pass); "
                         "with --merge the other columns of existing rows are kept")
@@ -844,10 +900,17 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads is None:
         args.threads = 0 if args.jobs <= 1 else 1
 
+    if args.out is None:
+        args.out = DEFAULT_OUT / "torchvision" if args.torchvision else DEFAULT_OUT
+
     only = [p.strip() for p in args.passes.split(",") if p.strip()] if args.passes else None
     deep = tuple(p.strip() for p in args.deep.split(",") if p.strip())
+    try:
+        set_options = parse_set(args.set)
+    except ValueError as exc:
+        parser.error(str(exc))
     if args.worker:
-        return run_worker(args.worker, args.result_file, not args.no_onnx, args.threads, only, deep)
+        return run_worker(args.worker, args.result_file, not args.no_onnx, args.threads, only, deep, set_options)
 
     json_path, md_path = args.out / "coverage.json", args.out / "coverage.md"
     if args.render:
@@ -868,7 +931,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unknown pass(es): {', '.join(unknown_passes)}; registered: {', '.join(infos)}")
     passes = [p for p in infos if not only or p in only]
     preserving = [p for p, info in infos.items() if is_preserving(info)]
-    if args.models and not args.refresh_families:
+    if args.torchvision or (args.models and not args.refresh_families):
         # explicit models: use the family cache if there is one, never count all of timm for it
         fam = json.loads(FAMILIES_FILE.read_text())["families"] if FAMILIES_FILE.is_file() else {}
     else:
@@ -876,11 +939,15 @@ def main(argv: list[str] | None = None) -> int:
     params_of = {v["model"]: v["params"] for v in fam.values() if v.get("model")}
     if args.models:
         names = [n.strip() for n in args.models.split(",") if n.strip()]
-        unknown = [n for n in names if not timm.is_model(n)]
+        unknown = [n for n in names if not known_model(n)]
         if unknown:
-            parser.error(f"unknown timm model(s): {', '.join(unknown)}")
+            parser.error(f"unknown model(s): {', '.join(unknown)}")
         family = family_of(names)
         selection = f"{len(names)} model(s) from --models"
+    elif args.torchvision:
+        names = torchvision_names()
+        family = family_of(names)
+        selection = f"every classification model of torchvision ({len(names)})"
     else:
         wanted = set(args.families.split(",")) if args.families else set(fam)
         names = sorted(v["model"] for k, v in fam.items() if k in wanted and v.get("model"))
@@ -891,7 +958,7 @@ def main(argv: list[str] | None = None) -> int:
         names = [n for n in names if n not in dropped]
         selection += f", without {', '.join(sorted(dropped))}"
     for n in names:
-        if n not in params_of:
+        if n not in params_of and not n.startswith(TORCHVISION):  # torchvision's: the worker counts
             try:
                 params_of[n] = count_params_meta(n)
             except Exception:  # noqa: BLE001
@@ -925,6 +992,8 @@ def main(argv: list[str] | None = None) -> int:
         "timeout": args.timeout, "jobs": args.jobs, "threads": args.threads,
         "selection": selection if not previous else f"{selection}, merged into {len(previous)} earlier",
         "argv": argv_text,
+        "options": {p: {**PASS_OPTIONS.get(p, {}), **set_options.get(p, {})} for p in passes
+                    if PASS_OPTIONS.get(p) or set_options.get(p)},
         "tolerance": {p: f"max|diff| <= {PRESERVING_RTOL:g} * max(1, max|out|)" for p in preserving},
         "expectations": {**old_meta.get("expectations", {}),
                          **{p: expectation(info, p in deep) for p, info in infos.items() if p in run_passes}},
@@ -958,7 +1027,7 @@ def main(argv: list[str] | None = None) -> int:
                           "stages": {**kept.get("stages", {}), **record["stages"]},
                           "partial_wall_seconds": record.get("wall_seconds")}
             record["family"] = family.get(name, "?")
-            record["params"] = params_of.get(name)
+            record["params"] = params_of.get(name) or record.get("params")
             records.append(record)
             for col in stage_columns(passes, table_onnx):
                 counts[col] += column_status(record, col)[0] == "ok"
