@@ -209,6 +209,12 @@ def _is_timm_window_op(fn: Any) -> bool:
             and getattr(fn, "__module__", "").startswith("timm.models."))
 
 
+def _is_torchvision_swin_op(fn: Any, name: str) -> bool:
+    """One of the functions torchvision's Swin wraps as fx leaves (shifted_window_attention, ...)."""
+    return getattr(fn, "__name__", None) == name and \
+        getattr(fn, "__module__", "") == "torchvision.models.swin_transformer"
+
+
 def _shape(node: Any) -> tuple[int, ...] | None:
     if not isinstance(node, fx.Node):
         return None
@@ -281,6 +287,8 @@ class ChannelGraph:
         self.dims: dict[str, list[Layout]] = {}  # node name -> layout of each dim
         self.tuples: dict[str, list[list[Layout]]] = {}  # node name -> per item dims
         self.scalars: dict[str, tuple[str, int]] = {}  # shape-derived int -> (node, dim)
+        # a channel count divided by a literal (channel shuffle's channels per group) -> (node, dim, divisor)
+        self.quotients: dict[str, tuple[str, int, int]] = {}
         self.shapes: dict[str, tuple[str, list[int]]] = {}  # shape tuple -> (node, dims)
         self.members: list[Member] = []
         self.modules: dict[str, tuple[str, dict[str, Layout]]] = {}  # name -> (kind, ports)
@@ -646,6 +654,9 @@ class ChannelGraph:
                     src, ds = self.shapes[arg.name]
                     for d in ds:
                         self.fix(self.dims[src][d], f"its size is used by `{_target_name(node)}` at {node.name}")
+                elif arg.name in self.quotients:
+                    src, d, _ = self.quotients[arg.name]
+                    self.fix(self.dims[src][d], f"its size is used by `{_target_name(node)}` at {node.name}")
         for m in self.members:
             if m.param in self._tied:
                 self.fix(m.layout, f"tied parameter {m.param}")
@@ -728,6 +739,13 @@ class ChannelGraph:
         if not method and target is operator.getitem:
             self._getitem(node, consumed)
             return
+        if not method and target is operator.floordiv and len(node.args) == 2 and isinstance(node.args[1], int) \
+                and isinstance(node.args[0], fx.Node) and node.args[0].name in self.scalars:
+            src, d = self.scalars[node.args[0].name]
+            if node.args[1] > 1 and self.dims[src][d].size % node.args[1] == 0:
+                consumed.add(node.args[0].name)  # read back where the quotient is used as a size
+                self.quotients[node.name] = (src, d, node.args[1])
+            return
         name = target if method else None
         if (method and name in _ELEMENTWISE_METHODS) or (not method and target in _ELEMENTWISE_FUNCTIONS):
             self._elementwise(node)
@@ -780,6 +798,19 @@ class ChannelGraph:
             self._pad(node)
         elif (method and name == "roll") or (not method and target is torch.roll):
             self._roll(node)
+        elif not method and _is_torchvision_swin_op(target, "shifted_window_attention"):
+            self._window_attention(node)
+        elif not method and _is_torchvision_swin_op(target, "_patch_merging_pad"):
+            x = self._d(node.args[0])  # (..., H, W, C) -> (..., H/2, W/2, 4C): four pixels side by side
+            out = _shape(node)
+            if out is None or out[-1] != 4 * x[-1].size:
+                raise _Unsupported()
+            self.dims[node.name] = [Fixed(n) for n in out[:-1]] + [_mk(Prod, [Fixed(4), x[-1]], out[-1])]
+        elif not method and _is_torchvision_swin_op(target, "_get_relative_position_bias"):
+            table = self._d(node.args[0])  # (positions, heads) gathered to (1, heads, N, N)
+            for d in table:
+                self.fix(d, f"relative position bias table (one column per head) at {node.name}")
+            self.dims[node.name] = [Fixed(n) for n in _shape(node)]
         elif not method and _is_timm_window_op(target):
             x = self._d(node.args[0])  # (..., C) windows <-> (B, H, W, C): channels last on both sides
             out = _shape(node)
@@ -984,6 +1015,48 @@ class ChannelGraph:
         self.dims[node.name] = list(x)
         self.edits.append((node.name, "layer_norm", {}))
 
+    def _window_attention(self, node: fx.Node) -> None:
+        """torchvision's Swin attention: one call from (B, H, W, C) to (B, H, W, C).
+
+        Inside, C is the width of everything: q/k/v are reshaped to (heads, C // heads) and the
+        attention output back to C before and after the projection. So C factors into heads x
+        head_dim; the heads stay (the position bias has one per head), head_dim is prunable.
+        """
+        x = self._d(node.args[0])
+        qkv_w, proj_w = self._d(_arg(node, 1, "qkv_weight")), self._d(_arg(node, 2, "proj_weight"))
+        heads = _arg(node, 5, "num_heads")
+        in_shape = _shape(node.args[0])
+        if not isinstance(heads, int) or len(x) != 4 or len(qkv_w) != 2 or len(proj_w) != 2 \
+                or _shape(node) != in_shape or in_shape[-1] % heads:
+            raise _Unsupported()
+        why, c = node.name, in_shape[-1]
+        h, d = self.factor(x[-1], [heads, c // heads], why)
+        self.fix(h, f"window attention keeps its heads (num_heads, one position bias per head) at {why}")
+        self.tag(d, "head_dim")
+        part, h_qkv, d_qkv = self.factor(qkv_w[0], [3, heads, c // heads], why)
+        self.fix(part, f"q, k, v at {why}")
+        self.unify(h_qkv, h, why)
+        self.unify(d_qkv, d, why)
+        for w in (qkv_w[1], proj_w[0], proj_w[1]):  # the attention output is reshaped to C, and so is proj's
+            self.unify(w, x[-1], why)
+        for index, key, w in ((9, "qkv_bias", qkv_w[0]), (10, "proj_bias", proj_w[0])):
+            bias = _arg(node, index, key)
+            if bias is not None:
+                self.unify(self._d(bias)[0], w, why)
+        for index, key in ((3, "relative_position_bias"), (11, "logit_scale")):
+            t = _arg(node, index, key)
+            for layout in self.dims.get(t.name, []) if isinstance(t, fx.Node) else []:
+                self.fix(layout, f"one {key} per head at {why}")
+        if _arg(node, 11, "logit_scale") is None:
+            # q is scaled by (C // heads) ** -0.5 with the C it is called with: apply rescales q's rows
+            for index, key in ((1, "qkv_weight"), (9, "qkv_bias")):
+                t = _arg(node, index, key)
+                if t is not None and not (isinstance(t, fx.Node) and t.op == "get_attr"):
+                    raise _Unsupported("window attention's q/k/v weights are not parameters at " + why)
+            self.edits.append((node.name, "window_attention", {"head_dim": d}))
+        self.dims[node.name] = list(x)
+        self.compute.append((node.name, "window_attention"))
+
     def _elementwise(self, node: fx.Node) -> None:
         tensors = [a for a in _flat_nodes((node.args, node.kwargs)) if a.name in self.dims]
         if not tensors and _shape(node) is None and _tuple_shapes(node) is None:
@@ -1099,6 +1172,14 @@ class ChannelGraph:
                     consumed.add(s.name)
                     src, d = self.scalars[s.name]
                     self.unify(self.dims[src][d], dims[j], node.name)
+                elif s.name in self.quotients:
+                    # size C // k: the inner factor of C split into (k, C // k); k stays, so that the
+                    # quotient of the pruned count is the pruned inner factor
+                    consumed.add(s.name)
+                    src, d, k = self.quotients[s.name]
+                    outer, inner = self.factor(self.dims[src][d], [k, self.dims[src][d].size // k], node.name)
+                    self.fix(outer, f"divides the channels into {k} groups at {node.name}")
+                    self.unify(inner, dims[j], node.name)
                 else:
                     self.fix(dims[j], f"computed size at {node.name}")
             elif not isinstance(s, int):
@@ -1430,12 +1511,31 @@ class ChannelGraph:
                     node.args = (node.args[0], size) + tuple(node.args[2:])
                 else:
                     node.kwargs = {**node.kwargs, "normalized_shape": size}
+            elif kind == "window_attention":
+                self._edit_window_attention(gm, node, data["head_dim"], counts)
             elif kind == "sdpa":
                 q = self.dims[_arg(node, 0, "query").name][-1]
                 if self.kept(q, counts) != q.size and _arg(node, 6, "scale") is None:
                     node.kwargs = {**node.kwargs, "scale": q.size ** -0.5}  # the original head size
         gm.recompile()
         return gm
+
+    def _edit_window_attention(self, gm: fx.GraphModule, node: fx.Node, head_dim: Layout,
+                               counts: dict[int, int]) -> None:
+        """Keep q's scale: the call scales q by head_dim ** -0.5 of the pruned width, so the q rows
+        (first third of the packed weight and bias) take sqrt(new / old)."""
+        new, old = self.kept(head_dim, counts), self.resolve(head_dim).size
+        if new == old:
+            return
+        with torch.no_grad():
+            for index, key in ((1, "qkv_weight"), (9, "qkv_bias")):
+                t = _arg(node, index, key)
+                if t is None:
+                    continue
+                param = gm.get_parameter(t.target) if t.target in dict(gm.named_parameters()) \
+                    else gm.get_buffer(t.target)
+                q_rows = param.shape[0] // 3
+                param[:q_rows].mul_((new / old) ** 0.5)
 
     def _edit_sizes(self, node: fx.Node, packed: bool, counts: dict[int, int]) -> None:
         dims = self.dims[node.name]

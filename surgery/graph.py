@@ -20,6 +20,7 @@ import torch.fx as fx
 from torch import nn
 from torch.fx.passes.shape_prop import ShapeProp
 
+from .decompose import decompose
 from .errors import SurgeryError
 
 log = logging.getLogger(__name__)
@@ -84,6 +85,7 @@ class TraceInfo:
     """What tracing decided, kept on ``gm.meta['surgery']``."""
 
     leaf_fallbacks: list[str] = field(default_factory=list)
+    decomposed: list[str] = field(default_factory=list)  # library modules rewritten as plain ops
     concrete_args: dict[str, Any] = field(default_factory=dict)
     max_abs_diff: float = 0.0
 
@@ -219,7 +221,7 @@ def trace(
         else:
             raise SurgeryError(f"cannot fx-trace {type(model).__name__}: too many untraceable submodules")
     gm.eval()
-    info = TraceInfo(leaf_fallbacks=fallbacks, concrete_args=concrete)
+    info = TraceInfo(leaf_fallbacks=fallbacks, decomposed=decompose(gm), concrete_args=concrete)
     gm.meta["surgery"] = info
     if fallbacks:
         log.warning("traced with %d untraceable submodule(s) as leaves: %s", len(fallbacks), ", ".join(fallbacks))

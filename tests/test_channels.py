@@ -458,3 +458,85 @@ def test_torchvision_blocks_with_stochastic_depth_and_functional_layer_norm(name
     assert out.shape == ref.shape == (2, 10)
     assert (out - ref).abs().max().item() <= PRESERVE_ATOL * max(1.0, ref.abs().max().item())
     assert _params(pruned) < 0.8 * _params(model)
+
+
+def _torchvision_small(name):
+    import torchvision.models as tvm
+    from torchvision.models.swin_transformer import PatchMergingV2, SwinTransformerBlockV2
+
+    torch.manual_seed(0)
+    if name == "vit":  # nn.MultiheadAttention inside every encoder block
+        return tvm.VisionTransformer(image_size=32, patch_size=8, num_layers=2, num_heads=2, hidden_dim=32,
+                                     mlp_dim=64, num_classes=10)
+    v2 = {"block": SwinTransformerBlockV2, "downsample_layer": PatchMergingV2} if name == "swin_v2" else {}
+    return tvm.SwinTransformer(patch_size=[4, 4], embed_dim=16, depths=[2, 2], num_heads=[2, 4], window_size=[4, 4],
+                               num_classes=10, **v2)
+
+
+@pytest.mark.parametrize("name", ["vit", "swin", "swin_v2"])
+def test_torchvision_attention(name):
+    """torchvision's ViT (nn.MultiheadAttention, rewritten at trace into q/k/v ops) and Swin
+    (`shifted_window_attention`, `_patch_merging_pad`): heads' widths prunable, function preserved."""
+    model = randomize_norm_stats(_torchvision_small(name)).eval()
+    x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    gm = trace(model, x)
+    if name == "vit":
+        assert gm.meta["surgery"].decomposed == [f"encoder.layers.encoder_layer_{i}.self_attention (MultiheadAttention)"
+                                                 for i in range(2)]
+        assert not any(isinstance(m, nn.MultiheadAttention) for m in (gm.get_submodule(n.target) for n in
+                                                                      gm.graph.nodes if n.op == "call_module"))
+    cg = build(gm)
+    assert not cg.unsupported
+    head_dims = [g for g in cg.groups() if "head_dim" in g.tags]
+    assert head_dims and all(g.prunable for g in head_dims)
+    # the residual stream (the width every block reads and writes; Swin's: heads x head_dim)
+    stream = [g for g in cg.groups() if any(m.param.endswith(".mlp.0.weight") and "cpb" not in m.param and m.axis == 1
+                                                  for m in g.members)]
+    assert [g.prunable for g in stream] == ([True] if name == "vit" else [False, True] * 2), [g.reasons for g in stream]
+    ref, out, pruned = prune_dead_channels(gm, x)
+    assert out.shape == ref.shape == (2, 10)
+    assert (out - ref).abs().max().item() <= PRESERVE_ATOL * max(1.0, ref.abs().max().item())
+    assert _params(pruned) < 0.8 * _params(model)
+
+
+def test_window_attention_keeps_q_scale_when_head_dim_shrinks():
+    """Negative control of the q rescale: without it, pruning Swin's dead channels moves the output."""
+    from surgery import channels
+
+    model = randomize_norm_stats(_torchvision_small("swin")).eval()
+    with torch.no_grad():  # attention logits of a trained size: at init they are ~0 and any scale fits
+        for name, p in model.named_parameters():
+            if name.endswith("attn.qkv.weight"):
+                p.mul_(30)
+    x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    gm = trace(model, x)
+    ref, out, _ = prune_dead_channels(copy.deepcopy(gm), x)
+    assert (out - ref).abs().max().item() <= PRESERVE_ATOL * max(1.0, ref.abs().max().item())
+    original = channels.ChannelGraph._edit_window_attention
+    try:
+        channels.ChannelGraph._edit_window_attention = lambda *a: None
+        ref, out, _ = prune_dead_channels(gm, x)
+    finally:
+        channels.ChannelGraph._edit_window_attention = original
+    assert (out - ref).abs().max().item() > 100 * PRESERVE_ATOL * max(1.0, ref.abs().max().item())
+
+
+def test_channel_shuffle_floordiv():
+    """torchvision's ShuffleNetV2: `view(b, groups, c // groups, h, w)` with c read from the tensor. The
+    quotient is the inner factor of the channels, the groups stay: more groups prunable than when the
+    floordiv fixed them, function preserved."""
+    import torchvision
+
+    torch.manual_seed(0)
+    model = randomize_norm_stats(torchvision.models.shufflenet_v2_x0_5(num_classes=10)).eval()
+    x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    gm = trace(model, x)
+    assert any(n.target is operator.floordiv for n in gm.graph.nodes)
+    cg = build(gm)
+    assert not [g for g in cg.groups() if any("floordiv" in r for r in g.reasons)]
+    shuffled = [g for g in cg.groups() if g.prunable and any(m.param == "stage2.0.branch2.5.weight" for m in g.members)]
+    assert shuffled, "the channels the first shuffle mixes stay prunable"
+    ref, out, pruned = prune_dead_channels(gm, x)
+    assert out.shape == ref.shape == (2, 10)
+    assert (out - ref).abs().max().item() <= PRESERVE_ATOL * max(1.0, ref.abs().max().item())
+    assert _params(pruned) < 0.8 * _params(model)

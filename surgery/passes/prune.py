@@ -371,6 +371,10 @@ def estimate_flops(gm: fx.GraphModule, cg: ChannelGraph, counts: dict[int, int])
         elif kind == "sdpa":
             q, k = (cg.new_shape(a.name, counts) for a in node.args[:2])
             total += 2 * math.prod(q) * k[-2] + 2 * out * k[-2]
+        elif kind == "window_attention":  # qkv and proj linears, q @ k and attn @ v inside each window
+            c, tokens = cg.new_shape(name, counts)[-1], out // cg.new_shape(name, counts)[-1]
+            window = math.prod(node.args[4])
+            total += 2 * tokens * c * 4 * c + 4 * tokens * window * c
     return total
 
 
