@@ -222,6 +222,8 @@ def run_worker(name: str, result_path: Path, ratio: float, threads: int, tp_time
     rec["flops"] = flops_of(model, x1)
     rec["params"] = n_params(model)
     num_classes = getattr(model, "num_classes", None)
+    if num_classes is None and isinstance(ref, torch.Tensor) and ref.dim() == 2:
+        num_classes = ref.shape[-1]  # torchvision models: the classifier is the layer that makes the logits
     pristine = copy.deepcopy(model)
     flush()
 
@@ -408,7 +410,14 @@ def models_part(args: argparse.Namespace, save: Any, earlier: list[dict[str, Any
     """Every model in its own subprocess; with --models, rows of other models from ``earlier`` stay."""
     from tqdm import tqdm
 
-    names = args.models.split(",") if args.models else select_models(args.max_params, 256)
+    if args.models:
+        names = args.models.split(",")
+    elif args.torchvision:
+        import torchvision
+
+        names = ["torchvision:" + n for n in torchvision.models.list_models(module=torchvision.models)]
+    else:
+        names = select_models(args.max_params, 256)
     print(f"{len(names)} models, ratio {args.ratio}, {args.jobs} at once, timeout {args.timeout:.0f} s",
           file=sys.stderr)
     records = [r for r in earlier if r["model"] not in set(names)] if args.models else []
@@ -510,88 +519,95 @@ def fmt(v: float | None, spec: str = ".3f") -> str:
     return "-" if v is None else format(v, spec)
 
 
+def render_models(part: dict[str, Any], title: str) -> list[str]:
+    """The success table and per-model rows of one model list."""
+    lines: list[str] = []
+    recs = part["records"]
+    n = len(recs)
+    ours_fs = sum(success(r, "ours", False) for r in recs)
+    ours_strict = sum(success(r, "ours", True) for r in recs)
+    tp_ok = sum(success(r, "tp", False) for r in recs)
+    both = [r for r in recs if success(r, "ours", False) and success(r, "tp", False)]
+
+    def shrank(tool: str, strict: bool) -> int:
+        return sum(success(r, tool, strict) and (r[tool].get("flops") or 0) < 0.99 * (r.get("flops") or 0)
+                   for r in recs)
+
+    lines += [
+        f"## Success over {n} {title}", "",
+        f"Ratio {part['ratio']} of the channels of every group / layer (uniform), l2 magnitude, round_to 8, "
+        f"random weights, {part['threads']} thread(s) per model, load average at the end "
+        f"{', '.join(f'{v:.1f}' for v in part['load_average'])}.", "",
+        "| | ours (surgery `prune`) | Torch-Pruning |", "|---|---|---|",
+        f"| forward + output shape kept | **{ours_fs}/{n}** ({100 * ours_fs / n:.0f}%) | "
+        f"**{tp_ok}/{n}** ({100 * tp_ok / n:.0f}%) |",
+        f"| ... and ONNX parity + save/`surgery.load` | {ours_strict}/{n} ({100 * ours_strict / n:.0f}%) | "
+        "not offered (pickle only) |",
+        f"| successes that removed FLOPs (< 0.99x) | {shrank('ours', True)}/{n} | {shrank('tp', False)}/{n} |",
+    ]
+    if both:
+        def med(key_fn: Any) -> float | None:
+            vals = [v for v in (key_fn(r) for r in both) if v is not None]
+            return statistics.median(vals) if vals else None
+
+        def rel(r: dict, tool: str, key: str) -> float | None:
+            return r[tool][key] / r[key] if r[tool].get(key) and r.get(key) else None
+
+        lines += [
+            f"| median FLOPs ratio (the {len(both)} models both prune) | "
+            f"{fmt(med(lambda r: rel(r, 'ours', 'flops')))} | "
+            f"{fmt(med(lambda r: rel(r, 'tp', 'flops')))} |",
+            f"| median params ratio | {fmt(med(lambda r: rel(r, 'ours', 'params')))} | "
+            f"{fmt(med(lambda r: rel(r, 'tp', 'params')))} |",
+            f"| median pass seconds | {fmt(med(lambda r: r['ours'].get('seconds')), '.2f')} "
+            f"(pass alone {fmt(med(lambda r: r['ours'].get('pass_seconds')), '.2f')}) | "
+            f"{fmt(med(lambda r: r['tp'].get('seconds')), '.2f')} |",
+            "| geometric mean latency ratio, batch 1 | "
+            f"{fmt(geomean([r['latency_ms']['ours'] / r['latency_ms']['original'] for r in both if 'latency_ms' in r]))} | "  # noqa: E501
+            f"{fmt(geomean([r['latency_ms']['tp'] / r['latency_ms']['original'] for r in both if 'latency_ms' in r]))} |",  # noqa: E501
+        ]
+    lines += ["", "Per model (ratios to the original; latency: batch 1, median of "
+              f"{LATENCY_RUNS} interleaved runs; '-': that tool failed):", "",
+              "| model | ours | TP | FLOPs ours / TP | params ours / TP | pass s ours / TP | latency ours / TP | "
+              "ours: ONNX rel, reload |",
+              "|---|---|---|---|---|---|---|---|"]
+    for r in recs:
+        o, t = r.get("ours", {}), r.get("tp", {})
+
+        def ratio(tool: dict, key: str, base: Any) -> str:
+            return f"{tool[key] / base:.2f}" if tool.get(key) is not None and base else "-"
+
+        lat = r.get("latency_ms", {})
+        lat_o = f"{lat['ours'] / lat['original']:.2f}" if "ours" in lat else "-"
+        lat_t = f"{lat['tp'] / lat['original']:.2f}" if "tp" in lat else "-"
+        deep = "-"
+        if o.get("shape_ok"):
+            deep = (f"{o['onnx_rel']:.0e}" if o.get("onnx_ok") else "**FAIL**") + ", " + \
+                   ("exact" if o.get("reload_diff") == 0 else ("ok" if o.get("reload_ok") else "**FAIL**"))
+        lines.append(
+            f"| `{r['model']}` | {'ok' if success(r, 'ours', True) else '**FAIL**'} | "
+            f"{'ok' if success(r, 'tp', False) else '**FAIL**'} | "
+            f"{ratio(o, 'flops', r.get('flops'))} / {ratio(t, 'flops', r.get('flops'))} | "
+            f"{ratio(o, 'params', r.get('params'))} / {ratio(t, 'params', r.get('params'))} | "
+            f"{fmt(o.get('seconds'), '.2f')} / {fmt(t.get('seconds'), '.2f')} | {lat_o} / {lat_t} | {deep} |")
+    lines += ["", "Failures:", ""]
+    for tool, label in (("ours", "ours"), ("tp", "Torch-Pruning")):
+        bad = [(r["model"], failure(r, tool)) for r in recs if not success(r, tool, tool == "ours")]
+        lines.append(f"- {label}: " + ("none" if not bad else "; ".join(
+            f"`{m}`: {why.replace('|', '/')}" for m, why in bad)))
+    lines.append("")
+    return lines
+
+
 def render(data: dict[str, Any]) -> str:
     meta = data["meta"]
     lines = ["# prune vs Torch-Pruning", "",
              f"{meta['date']} · torch {meta['torch']} · timm {meta['timm']} · torch-pruning {meta['torch_pruning']} · "
              f"{meta['machine']}. Regenerate: `.venv/bin/python benchmarks/prune_vs_torch_pruning.py` "
              "(see its docstring for the settings).", ""]
-    part = data.get("models")
-    if part:
-        recs = part["records"]
-        n = len(recs)
-        ours_fs = sum(success(r, "ours", False) for r in recs)
-        ours_strict = sum(success(r, "ours", True) for r in recs)
-        tp_ok = sum(success(r, "tp", False) for r in recs)
-        both = [r for r in recs if success(r, "ours", False) and success(r, "tp", False)]
-
-        def shrank(tool: str, strict: bool) -> int:
-            return sum(success(r, tool, strict) and (r[tool].get("flops") or 0) < 0.99 * (r.get("flops") or 0)
-                       for r in recs)
-
-        lines += [
-            f"## Success over {n} timm families", "",
-            f"Ratio {part['ratio']} of the channels of every group / layer (uniform), l2 magnitude, round_to 8, "
-            f"random weights, {part['threads']} thread(s) per model, load average at the end "
-            f"{', '.join(f'{v:.1f}' for v in part['load_average'])}.", "",
-            "| | ours (surgery `prune`) | Torch-Pruning |", "|---|---|---|",
-            f"| forward + output shape kept | **{ours_fs}/{n}** ({100 * ours_fs / n:.0f}%) | "
-            f"**{tp_ok}/{n}** ({100 * tp_ok / n:.0f}%) |",
-            f"| ... and ONNX parity + save/`surgery.load` | {ours_strict}/{n} ({100 * ours_strict / n:.0f}%) | "
-            "not offered (pickle only) |",
-            f"| successes that removed FLOPs (< 0.99x) | {shrank('ours', True)}/{n} | {shrank('tp', False)}/{n} |",
-        ]
-        if both:
-            def med(key_fn: Any) -> float | None:
-                vals = [v for v in (key_fn(r) for r in both) if v is not None]
-                return statistics.median(vals) if vals else None
-
-            def rel(r: dict, tool: str, key: str) -> float | None:
-                return r[tool][key] / r[key] if r[tool].get(key) and r.get(key) else None
-
-            lines += [
-                f"| median FLOPs ratio (the {len(both)} models both prune) | "
-                f"{fmt(med(lambda r: rel(r, 'ours', 'flops')))} | "
-                f"{fmt(med(lambda r: rel(r, 'tp', 'flops')))} |",
-                f"| median params ratio | {fmt(med(lambda r: rel(r, 'ours', 'params')))} | "
-                f"{fmt(med(lambda r: rel(r, 'tp', 'params')))} |",
-                f"| median pass seconds | {fmt(med(lambda r: r['ours'].get('seconds')), '.2f')} "
-                f"(pass alone {fmt(med(lambda r: r['ours'].get('pass_seconds')), '.2f')}) | "
-                f"{fmt(med(lambda r: r['tp'].get('seconds')), '.2f')} |",
-                "| geometric mean latency ratio, batch 1 | "
-                f"{fmt(geomean([r['latency_ms']['ours'] / r['latency_ms']['original'] for r in both if 'latency_ms' in r]))} | "  # noqa: E501
-                f"{fmt(geomean([r['latency_ms']['tp'] / r['latency_ms']['original'] for r in both if 'latency_ms' in r]))} |",  # noqa: E501
-            ]
-        lines += ["", "Per model (ratios to the original; latency: batch 1, median of "
-                  f"{LATENCY_RUNS} interleaved runs; '-': that tool failed):", "",
-                  "| model | ours | TP | FLOPs ours / TP | params ours / TP | pass s ours / TP | latency ours / TP | "
-                  "ours: ONNX rel, reload |",
-                  "|---|---|---|---|---|---|---|---|"]
-        for r in recs:
-            o, t = r.get("ours", {}), r.get("tp", {})
-
-            def ratio(tool: dict, key: str, base: Any) -> str:
-                return f"{tool[key] / base:.2f}" if tool.get(key) is not None and base else "-"
-
-            lat = r.get("latency_ms", {})
-            lat_o = f"{lat['ours'] / lat['original']:.2f}" if "ours" in lat else "-"
-            lat_t = f"{lat['tp'] / lat['original']:.2f}" if "tp" in lat else "-"
-            deep = "-"
-            if o.get("shape_ok"):
-                deep = (f"{o['onnx_rel']:.0e}" if o.get("onnx_ok") else "**FAIL**") + ", " + \
-                       ("exact" if o.get("reload_diff") == 0 else ("ok" if o.get("reload_ok") else "**FAIL**"))
-            lines.append(
-                f"| `{r['model']}` | {'ok' if success(r, 'ours', True) else '**FAIL**'} | "
-                f"{'ok' if success(r, 'tp', False) else '**FAIL**'} | "
-                f"{ratio(o, 'flops', r.get('flops'))} / {ratio(t, 'flops', r.get('flops'))} | "
-                f"{ratio(o, 'params', r.get('params'))} / {ratio(t, 'params', r.get('params'))} | "
-                f"{fmt(o.get('seconds'), '.2f')} / {fmt(t.get('seconds'), '.2f')} | {lat_o} / {lat_t} | {deep} |")
-        lines += ["", "Failures:", ""]
-        for tool, label in (("ours", "ours"), ("tp", "Torch-Pruning")):
-            bad = [(r["model"], failure(r, tool)) for r in recs if not success(r, tool, tool == "ours")]
-            lines.append(f"- {label}: " + ("none" if not bad else "; ".join(
-                f"`{m}`: {why.replace('|', '/')}" for m, why in bad)))
-        lines.append("")
+    for key, title in (("models", "timm families"), ("torchvision", "torchvision's classification models")):
+        if data.get(key):
+            lines += render_models(data[key], title)
     part = data.get("digits")
     if part:
         lines += ["## Accuracy on digits (resnet18 trained 3 epochs, pruned to 0.5x FLOPs)", "",
@@ -615,6 +631,8 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--part", choices=["models", "digits", "all"], default="all")
     p.add_argument("--models", help="comma-separated timm names (default: the coverage list, filtered)")
+    p.add_argument("--torchvision", action="store_true",
+                   help="the models part over every torchvision classification model (kept apart in the results)")
     p.add_argument("--max-params", type=float, default=5.6e6, help="largest representative to include")
     p.add_argument("--ratio", type=float, default=0.5)
     p.add_argument("--timeout", type=float, default=240)
@@ -650,8 +668,9 @@ def main() -> int:
         (OUT / f"{RESULT}.md").write_text(render(data))
 
     if args.part in ("models", "all"):
-        earlier = data.get("models", {}).get("records", [])
-        save("models", models_part(args, lambda part: save("models", part), earlier))
+        key = "torchvision" if args.torchvision else "models"
+        earlier = data.get(key, {}).get("records", [])
+        save(key, models_part(args, lambda part: save(key, part), earlier))
     if args.part in ("digits", "all"):
         save("digits", digits_part(args))
     print(f"wrote {OUT / RESULT}.md and .json")
