@@ -24,6 +24,7 @@ from .models import IO_KEYS, LoadedModel, load_state_dict_checked
 from .recipe import RECIPE_FORMAT, read_recipe_file
 from .safeio import PARTIAL, check_parent, recover, refuse_symlink, replace_dir, sha256_file
 from .validate import ValidationError, parse_json
+from .weights import fill_ties, save_weights
 
 if TYPE_CHECKING:
     from .pipeline import SurgeryResult
@@ -110,13 +111,6 @@ def _link_or_copy(src: str, dst: str) -> None:
         shutil.copy2(src, dst)
 
 
-def save_state(model: nn.Module, path: Path) -> None:
-    """Weights to safetensors (shared tensors stored once, contiguous copies where needed)."""
-    from safetensors.torch import save_model
-
-    save_model(model, str(path))
-
-
 def save_artifact(result: SurgeryResult, out: str | Path, *, onnx: bool = False, force: bool = False) -> Path:
     """Write an `apply` result: recipe.json, model.safetensors, report.json (and model.onnx)."""
     from .plots import report_figure, report_panels
@@ -149,7 +143,7 @@ def write_artifact(
     input_size = tuple(recipe["input_size"])
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.{PARTIAL}-{os.getpid()}-", dir=out.absolute().parent))
     try:
-        save_state(model, tmp / WEIGHTS)
+        save_weights(model, tmp / WEIGHTS)
         recipe = dict(recipe)
         recipe["weights"] = {"file": WEIGHTS, "sha256": sha256_file(tmp / WEIGHTS)}
         if onnx:
@@ -243,15 +237,7 @@ def load_artifact(directory: str | Path, *, base_model: nn.Module | None = None)
         state = load_file(str(d / WEIGHTS))
     except (SafetensorError, OSError) as exc:
         raise SurgeryError(f"cannot read {d / WEIGHTS} ({exc}); the artifact is damaged") from None
-    # save_model stored shared tensors once: fill the aliases back in.
-    own = gm.state_dict()
-    for key, tensor in own.items():
-        if key not in state:
-            for other, t in own.items():
-                if other in state and t.data_ptr() == tensor.data_ptr() and t.shape == tensor.shape:
-                    state[key] = state[other]
-                    break
-    load_state_dict_checked(gm, state, what=str(d / WEIGHTS), exact_dtype=True)
+    load_state_dict_checked(gm, fill_ties(gm, state), what=str(d / WEIGHTS), exact_dtype=True)
     gm.eval()
     return LoadedModel(gm, tuple(recipe["input_size"]), recipe["source"], list(recipe["passes"]),
                        io={k: recipe[k] for k in IO_KEYS if k in recipe})

@@ -31,6 +31,7 @@ from torch import nn
 from .data import ImageData
 from .errors import SurgeryError
 from .safeio import replace_dir, sha256_file
+from .weights import fill_ties, save_weights
 from .validate import (
     MAX_ITEMS,
     ValidationError,
@@ -381,14 +382,13 @@ def _split_optimizer(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.
 def save_checkpoint(directory: Path, model: nn.Module, optimizer: torch.optim.Optimizer, state: RunState,
                     identity: dict[str, Any]) -> None:
     """Write one consistent checkpoint (see the notes above); ``identity``: {"config", "model", "data"}."""
-    from safetensors.torch import save_file, save_model
-
+    from safetensors.torch import save_file
 
     parent = directory.parent
     parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.partial-{os.getpid()}-", dir=parent))
     try:
-        save_model(model, str(tmp / WEIGHTS_FILE), force_contiguous=True)  # channels_last weights too
+        save_weights(model, tmp / WEIGHTS_FILE)  # contiguous copies: channels_last weights, views
         tensors, optimizer_meta = _split_optimizer(optimizer)
         save_file(tensors, str(tmp / OPTIMIZER_FILE))
         files = {name: {"sha256": sha256_file(tmp / name), "bytes": (tmp / name).stat().st_size}
@@ -408,7 +408,7 @@ def save_checkpoint(directory: Path, model: nn.Module, optimizer: torch.optim.Op
 
 def _load_weights(path: Path, model: nn.Module) -> None:
     from safetensors import SafetensorError, safe_open
-    from safetensors.torch import load_model
+    from safetensors.torch import load_file
 
     own = model.state_dict()
     try:
@@ -420,7 +420,7 @@ def _load_weights(path: Path, model: nn.Module) -> None:
                 shape = tuple(f.get_slice(key).get_shape())
                 if shape != tuple(own[key].shape):
                     raise ValidationError(where, f"has shape {shape}, the model's is {tuple(own[key].shape)}")
-        load_model(model, str(path), strict=True)
+        model.load_state_dict(fill_ties(model, load_file(str(path))), strict=True)
     except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
         raise SurgeryError(f"{path} cannot be loaded ({_one_line(exc)}); start without --resume") from None
 

@@ -136,3 +136,43 @@ def test_timm_model_built_with_custom_arguments_needs_its_base_model(tmp_path):
     again = surgery.load(tmp_path / "vit", base_model=build())
     with torch.no_grad():
         assert (again(x) - result.model(x)).abs().max().item() <= 1e-6
+
+
+class ViewsNet(torch.nn.Module):
+    """Tensors that are views of other storage: a transposed buffer, a strided parameter, an
+    expanded one, and a head tied to the stem's weight (14.3: safetensors refused such views)."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.conv = torch.nn.Conv2d(3, 8, 3, padding=1)
+        self.register_buffer("mix", torch.randn(8, 8).t())
+        self.scale = torch.nn.Parameter(torch.randn(16)[::2])
+        self.shift = torch.nn.Parameter(torch.randn(1, 8).expand(8, 8))
+        self.fc = torch.nn.Linear(8, 8)
+        self.fc2 = torch.nn.Linear(8, 8)
+        self.fc2.weight = self.fc.weight  # tied
+        self.offsets = torch.randn(4, 16)[1, ::2]  # a plain tensor attribute: traced into a constant buffer
+
+    def forward(self, x):
+        y = self.conv(x).mean((2, 3))
+        y = y @ self.mix * self.scale + self.shift.sum(0) + self.offsets
+        return self.fc2(self.fc(y))
+
+
+def test_saves_views_and_tied_tensors(tmp_path, images):
+    model = ViewsNet().eval()
+    assert not model.mix.is_contiguous() and not model.scale.is_contiguous() and not model.shift.is_contiguous()
+    result = surgery.apply(model, "fuse", example_inputs=images, measure=False)
+    result.save(tmp_path / "views")
+    from safetensors import safe_open
+
+    with safe_open(str(tmp_path / "views" / "model.safetensors"), "pt") as f:
+        names = set(f.keys())
+    offsets = result.model.get_buffer("offsets")  # the traced constant: a strided view of a larger storage
+    assert offsets.untyped_storage().nbytes() > offsets.numel() * offsets.element_size()
+    assert {"mix", "scale", "shift", "offsets"} <= names and len({"fc.weight", "fc2.weight"} & names) == 1  # tied: once
+    reloaded = surgery.load(tmp_path / "views", base_model=ViewsNet())
+    assert reloaded.fc.weight is reloaded.fc2.weight or reloaded.fc.weight.data_ptr() == reloaded.fc2.weight.data_ptr()
+    with torch.no_grad():
+        assert compare_outputs(model(images), reloaded(images)) == 0.0
