@@ -191,7 +191,7 @@ def interleaved_ms(fns: list[Any], x: Any, runs: int) -> list[float]:
     return [statistics.median(t) for t in times]
 
 
-def run_worker(name: str, result_path: Path, ratio: float, threads: int, tp_timeout: int) -> int:
+def run_worker(name: str, result_path: Path, ratio: float, threads: int, tp_timeout: int, light: bool = False) -> int:
     import logging
     import warnings
 
@@ -282,6 +282,8 @@ def run_worker(name: str, result_path: Path, ratio: float, threads: int, tp_time
         tpr["traceback"] = traceback.format_exc(limit=-3)
     flush()
 
+    if light:  # runs, shapes, FLOPs and params only (coverage.py checks ONNX and reload)
+        return 0
     # latency, batch 1, interleaved: original, ours, Torch-Pruning's (when they work)
     models = {"original": pristine}
     if ours.get("shape_ok"):
@@ -354,7 +356,7 @@ def select_models(max_params: float, max_side: int) -> list[str]:
 def run_one(name: str, args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
     path = tmp / f"{name}.json"
     cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", name, "--result-file", str(path),
-           "--ratio", str(args.ratio), "--threads", str(args.threads), "--tp-timeout", str(int(args.timeout * 0.6))]
+           "--ratio", str(args.ratio), "--threads", str(args.threads), "--tp-timeout", str(int(args.timeout * 0.6))] + (["--light"] if args.light else [])
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "TIMM_FUSED_ATTN": "0"}
     t0 = time.perf_counter()
     status = "done"
@@ -422,6 +424,7 @@ def models_part(args: argparse.Namespace, save: Any, earlier: list[dict[str, Any
           file=sys.stderr)
     records = [r for r in earlier if r["model"] not in set(names)] if args.models else []
     part = {"ratio": args.ratio, "timeout": args.timeout, "threads": args.threads, "records": records,
+            "light": args.light,
             "load_average": os.getloadavg()}
     with tempfile.TemporaryDirectory(prefix="pvt-") as tmp, cf.ThreadPoolExecutor(max_workers=args.jobs) as pool:
         futures = {pool.submit(run_one, n, args, Path(tmp)): n for n in names}
@@ -429,7 +432,7 @@ def models_part(args: argparse.Namespace, save: Any, earlier: list[dict[str, Any
         for fut in cf.as_completed(futures):
             rec = fut.result()
             records.append(rec)
-            bar.set_postfix_str(f"ours={sum(success(r, 'ours', True) for r in records)} "
+            bar.set_postfix_str(f"ours={sum(success(r, 'ours', not args.light) for r in records)} "
                                 f"tp={sum(success(r, 'tp', False) for r in records)} last={rec['model']}",
                                 refresh=False)
             bar.update(1)
@@ -523,6 +526,7 @@ def render_models(part: dict[str, Any], title: str) -> list[str]:
     """The success table and per-model rows of one model list."""
     lines: list[str] = []
     recs = part["records"]
+    strict = not part.get("light")  # ours: ONNX parity and reload too, where this run checked them
     n = len(recs)
     ours_fs = sum(success(r, "ours", False) for r in recs)
     ours_strict = sum(success(r, "ours", True) for r in recs)
@@ -541,9 +545,12 @@ def render_models(part: dict[str, Any], title: str) -> list[str]:
         "| | ours (surgery `prune`) | Torch-Pruning |", "|---|---|---|",
         f"| forward + output shape kept | **{ours_fs}/{n}** ({100 * ours_fs / n:.0f}%) | "
         f"**{tp_ok}/{n}** ({100 * tp_ok / n:.0f}%) |",
-        f"| ... and ONNX parity + save/`surgery.load` | {ours_strict}/{n} ({100 * ours_strict / n:.0f}%) | "
+        (f"| ... and ONNX parity + save/`surgery.load` | {ours_strict}/{n} ({100 * ours_strict / n:.0f}%) | "
+         "not offered (pickle only) |") if not part.get("light") else
+        "| ... and ONNX parity + save/`surgery.load` | not run here: `benchmarks/coverage.py` checks both | "
         "not offered (pickle only) |",
-        f"| successes that removed FLOPs (< 0.99x) | {shrank('ours', True)}/{n} | {shrank('tp', False)}/{n} |",
+        f"| successes that removed FLOPs (< 0.99x) | {shrank('ours', not part.get('light'))}/{n} | "
+        f"{shrank('tp', False)}/{n} |",
     ]
     if both:
         def med(key_fn: Any) -> float | None:
@@ -580,19 +587,19 @@ def render_models(part: dict[str, Any], title: str) -> list[str]:
         lat = r.get("latency_ms", {})
         lat_o = f"{lat['ours'] / lat['original']:.2f}" if "ours" in lat else "-"
         lat_t = f"{lat['tp'] / lat['original']:.2f}" if "tp" in lat else "-"
-        deep = "-"
-        if o.get("shape_ok"):
+        deep = "-" if strict else "not run"
+        if o.get("shape_ok") and strict:
             deep = (f"{o['onnx_rel']:.0e}" if o.get("onnx_ok") else "**FAIL**") + ", " + \
                    ("exact" if o.get("reload_diff") == 0 else ("ok" if o.get("reload_ok") else "**FAIL**"))
         lines.append(
-            f"| `{r['model']}` | {'ok' if success(r, 'ours', True) else '**FAIL**'} | "
+            f"| `{r['model']}` | {'ok' if success(r, 'ours', strict) else '**FAIL**'} | "
             f"{'ok' if success(r, 'tp', False) else '**FAIL**'} | "
             f"{ratio(o, 'flops', r.get('flops'))} / {ratio(t, 'flops', r.get('flops'))} | "
             f"{ratio(o, 'params', r.get('params'))} / {ratio(t, 'params', r.get('params'))} | "
             f"{fmt(o.get('seconds'), '.2f')} / {fmt(t.get('seconds'), '.2f')} | {lat_o} / {lat_t} | {deep} |")
     lines += ["", "Failures:", ""]
     for tool, label in (("ours", "ours"), ("tp", "Torch-Pruning")):
-        bad = [(r["model"], failure(r, tool)) for r in recs if not success(r, tool, tool == "ours")]
+        bad = [(r["model"], failure(r, tool)) for r in recs if not success(r, tool, tool == "ours" and strict)]
         lines.append(f"- {label}: " + ("none" if not bad else "; ".join(
             f"`{m}`: {why.replace('|', '/')}" for m, why in bad)))
     lines.append("")
@@ -643,9 +650,11 @@ def main() -> int:
     p.add_argument("--worker", help=argparse.SUPPRESS)
     p.add_argument("--result-file", type=Path, help=argparse.SUPPRESS)
     p.add_argument("--tp-timeout", type=int, default=120, help=argparse.SUPPRESS)
+    p.add_argument("--light", action="store_true",
+                   help="models part without latency, ONNX and reload (runs, shapes, FLOPs, params only)")
     args = p.parse_args()
     if args.worker:
-        return run_worker(args.worker, args.result_file, args.ratio, args.threads, args.tp_timeout)
+        return run_worker(args.worker, args.result_file, args.ratio, args.threads, args.tp_timeout, args.light)
     if args.render:
         (OUT / f"{RESULT}.md").write_text(render(json.loads((OUT / f"{RESULT}.json").read_text())))
         return 0
