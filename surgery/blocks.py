@@ -43,6 +43,7 @@ _ADD_FUNCTIONS = {operator.add, operator.iadd, torch.add}
 _ADD_METHODS = {"add", "add_"}
 _IDENTITY_METHODS = {"contiguous", "clone", "detach"}
 MAX_CHAIN = 8  # parameter-free nodes allowed between two blocks of one stage (an activation, a permute)
+MAX_FLOW = 16  # one-input nodes of one size between one-block stages that join (a pointwise conv, a reshape)
 
 
 def _identity_types() -> tuple[type, ...]:
@@ -206,6 +207,44 @@ def _chained(gm: fx.GraphModule, src: fx.Node, dst: fx.Node) -> bool:
             return False
         node = node.all_input_nodes[0]
     return False
+
+
+def _flows(src: fx.Node, dst: fx.Node) -> bool:
+    """``dst`` is ``src`` passed through a few one-input nodes (layers with weights too) that keep its
+    number of elements: a reshape, a per-position conv, a norm."""
+    size = _numel(src)
+    node = dst
+    for _ in range(MAX_FLOW + 1):
+        if node is src:
+            return True
+        inputs = [a for a in node.all_input_nodes if a.op != "get_attr" and node_shape(a) is not None]
+        if len(inputs) != 1 or node.op == "placeholder" or size is None or _numel(node) != size:
+            return False
+        node = inputs[0]
+    return False
+
+
+def _numel(node: fx.Node) -> int | None:
+    shape = node_shape(node)
+    return math.prod(shape) if shape is not None else None
+
+
+def _join_single_blocks(gm: fx.GraphModule, stages: list[Stage]) -> list[Stage]:
+    """Runs of one-block stages (ConvMixer: each residual followed by a pointwise conv; a Swin block's
+    attention and MLP residuals on differently shaped views) become one stage where each block's input
+    is the previous one's output through nodes of the same size: depth to collapse, not one
+    untouchable block per stage."""
+    nodes = {n.name: n for n in gm.graph.nodes}
+    out: list[Stage] = []
+    for s in stages:
+        prev = out[-1] if out else None
+        if (prev is not None and s.head is None and (len(s.blocks) == 1 or len(prev.blocks) == 1)
+                and prev.blocks[-1].kind == "residual"
+                and _flows(nodes[prev.blocks[-1].output], nodes[s.blocks[0].input])):
+            prev.blocks += s.blocks
+            continue
+        out.append(s)
+    return out
 
 
 def _between(order: list[fx.Node], index: dict[fx.Node, int], x: fx.Node, y: fx.Node) -> set[fx.Node] | None:
@@ -372,6 +411,7 @@ def find_structure(gm: fx.GraphModule) -> Structure:
             continue
         head = _head(gm, b, nodes[b.input], names)
         stages.append(Stage("", shape, ([head] if head else []) + [b]))
+    stages = _join_single_blocks(gm, stages)
     for s in stages:
         runs = [b.name.split("#")[0] for b in s.blocks]
         s.name = _common_prefix(runs) if len(runs) > 1 else _parent(runs[0]) or runs[0]

@@ -205,3 +205,31 @@ def test_collapsed_resnet_trains():
     gm = r.model.train()
     torch.nn.functional.cross_entropy(gm(x), torch.arange(4)).backward()
     assert all(p.grad is not None for p in gm.parameters() if p.requires_grad)
+
+
+@pytest.mark.parametrize("name, kwargs, counts", [
+    # each residual followed by a pointwise conv + norm outside it: one block per stage before
+    ("ConvMixer", {"dim": 16, "depth": 4, "kernel_size": 3, "patch_size": 4}, [4]),
+    # attention and MLP residuals on (B, H, W, C) and (B, H * W, C) views of the same stream
+    ("swin_tiny_patch4_window7_224", {"img_size": 32, "embed_dim": 16, "depths": (2, 2), "num_heads": (1, 2),
+                                      "window_size": 4}, [4, 4]),
+])
+def test_single_block_runs_join_into_stages_and_collapse(name, kwargs, counts):
+    torch.manual_seed(0)
+    if name == "ConvMixer":
+        from timm.models.convmixer import ConvMixer
+
+        model = ConvMixer(num_classes=10, **kwargs)
+    else:
+        model = timm.create_model(name, num_classes=10, **kwargs)
+    model = randomize_norm_stats(model).eval()
+    assert _stage_counts(model) == counts
+    x = torch.randn(2, 3, 32, 32)
+    r = surgery.apply(model, [f"ebcle:depth={len(counts)},select=position"], example_inputs=x, measure=False)
+    plan = r.recipe["passes"][-1]["plan"]
+    assert plan["keep"] == [1] * len(counts) and len(plan["removed"]) == sum(counts) - len(counts)
+    effect = r.report["passes"][-1]["effect"]
+    assert effect["changed"] and effect["after"]["flops"] < 0.9 * effect["before"]["flops"]
+    assert effect["target"]["met"], effect["target"]  # the FLOPs of the removed blocks, as predicted
+    with torch.no_grad():
+        assert r.model(x).shape == (2, 10)
