@@ -215,6 +215,23 @@ def _is_torchvision_swin_op(fn: Any, name: str) -> bool:
         getattr(fn, "__module__", "") == "torchvision.models.swin_transformer"
 
 
+def einsum_parts(node: fx.Node) -> tuple[list[str], str, list[Any]] | None:
+    """(input subscripts, output subscripts, operands) of a ``torch.einsum`` node with an explicit
+    output and no ellipsis; else None."""
+    if not node.args or not isinstance(node.args[0], str):
+        return None
+    eq = node.args[0].replace(" ", "")
+    operands = list(node.args[1]) if len(node.args) == 2 and isinstance(node.args[1], (list, tuple)) \
+        else list(node.args[1:])
+    if "->" not in eq or "." in eq:
+        return None
+    ins, out = eq.split("->")
+    specs = ins.split(",")
+    if len(specs) != len(operands) or not all(s.isalpha() for s in specs + [out] if s):
+        return None
+    return specs, out, operands
+
+
 def _shape(node: Any) -> tuple[int, ...] | None:
     if not isinstance(node, fx.Node):
         return None
@@ -643,6 +660,9 @@ class ChannelGraph:
                 self._visit(node, consumed)
             except _Unsupported as exc:
                 self._unsupported(node, str(exc) or None)
+            except Exception as exc:  # noqa: BLE001 - a rule that trips keeps what it touches whole
+                self._unsupported(node, f"`{_target_name(node)}` at {node.name} not understood "
+                                        f"({type(exc).__name__}: {str(exc)[:80]})")
             # A size of a channel dim used anywhere we do not rewrite: keep that dim whole.
             for arg in _flat_nodes((node.args, node.kwargs)):
                 if arg.name in consumed:
@@ -766,8 +786,8 @@ class ChannelGraph:
         elif (method and name in _SHAPE_CHANGES) or (not method and target in (torch.flatten, torch.squeeze,
                                                                               torch.unsqueeze)):
             self._reshape(node, consumed, literal=False)
-        elif (method and name in ("permute", "transpose", "swapaxes")) or (
-                not method and target in (torch.permute, torch.transpose)):
+        elif (method and name in ("permute", "transpose", "swapaxes", "swapdims")) or (
+                not method and target in (torch.permute, torch.transpose, torch.swapaxes, torch.swapdims)):
             self._permute(node)
         elif method and name == "expand":
             self._expand(node, consumed)
@@ -794,6 +814,8 @@ class ChannelGraph:
         elif (method and name in ("matmul", "bmm")) or (
                 not method and target in (operator.matmul, torch.matmul, torch.bmm)):
             self._matmul(node)
+        elif not method and target is torch.einsum:
+            self._einsum(node)
         elif not method and target is F.pad:
             self._pad(node)
         elif (method and name == "roll") or (not method and target is torch.roll):
@@ -1333,12 +1355,13 @@ class ChannelGraph:
                 self.fix(x[d], f"indexed by a tensor at {node.name}")
                 dims.extend(Fixed(s) for s in _shape(it))
             elif isinstance(it, slice):
+                computed = any(isinstance(v, fx.Node) for v in (it.start, it.stop, it.step))
+                length = 0 if computed else len(range(*it.indices(xs[d])))  # computed: the output's size, below
                 if isinstance(self.resolve(x[d]), Fixed):
-                    dims.append(Fixed(len(range(*it.indices(xs[d]))) if all(
-                        not isinstance(v, fx.Node) for v in (it.start, it.stop, it.step)) else 0))
-                elif any(isinstance(v, fx.Node) for v in (it.start, it.stop, it.step)) or it.step not in (None, 1):
+                    dims.append(Fixed(length))
+                elif computed or it.step not in (None, 1):
                     self.fix(x[d], f"strided or computed slice of channels at {node.name}")
-                    dims.append(Fixed(len(range(*it.indices(xs[d])))))
+                    dims.append(Fixed(length))
                 else:
                     start, stop, _ = it.indices(xs[d])
                     dims.append(self.slice(x[d], start, max(start, stop), node.name))
@@ -1421,6 +1444,30 @@ class ChannelGraph:
             self.tag(d, "heads")
         self.dims[node.name] = batch + [a[-2], b[-1]]
         self.compute.append((node.name, "matmul"))
+
+    def _einsum(self, node: fx.Node) -> None:
+        """Each subscript letter is one space: equal letters are the same positions in every operand."""
+        parts = einsum_parts(node)
+        if parts is None:
+            raise _Unsupported()
+        specs, out, operands = parts
+        letters: dict[str, Layout] = {}
+        for spec, op in zip(specs, operands):
+            dims, shape = self._d(op), _shape(op)
+            if len(spec) != len(dims) or len(set(spec)) != len(spec):
+                raise _Unsupported()
+            for letter, layout, size in zip(spec, dims, shape):
+                if letter in letters:
+                    if letters[letter].size != size:
+                        raise _Unsupported()  # broadcast size 1 against n: not a channel rule we know
+                    self.unify(letters[letter], layout, node.name)
+                else:
+                    letters[letter] = layout
+        shape = _shape(node)
+        if shape is None or len(shape) != len(out) or any(c not in letters for c in out):
+            raise _Unsupported()
+        self.dims[node.name] = [letters[c] for c in out]
+        self.compute.append((node.name, "einsum"))
 
     def _pad(self, node: fx.Node) -> None:
         x = self._d(node.args[0])

@@ -540,3 +540,57 @@ def test_channel_shuffle_floordiv():
     assert out.shape == ref.shape == (2, 10)
     assert (out - ref).abs().max().item() <= PRESERVE_ATOL * max(1.0, ref.abs().max().item())
     assert _params(pruned) < 0.8 * _params(model)
+
+
+class ComputedSlices(nn.Module):
+    """Slices whose bounds are computed from shapes (a distilled transformer's token split): on tokens
+    they are just positions; on channels they keep the sliced channels whole."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Linear(8, 16)
+        self.mid = nn.Linear(16, 16)
+        self.out = nn.Linear(16, 4)
+
+    def forward(self, x):  # x: (B, tokens, 8)
+        x = self.embed(x)
+        x = x[:, : x.shape[1] - 1]  # computed bound on tokens
+        y = self.mid(x)
+        y = y[..., : y.shape[-1] // 2 * 2]  # computed bound on channels (the whole width here)
+        return self.out(y).mean(1)
+
+
+def test_getitem_with_computed_bounds():
+    torch.manual_seed(0)
+    model = ComputedSlices().eval()
+    x = torch.randn(2, 5, 8)
+    gm = trace(model, x)
+    cg = build(gm)
+    by_anchor = {g.anchor: g for g in cg.groups()}
+    assert by_anchor["embed.weight:0"].prunable  # the token slice does not touch channels
+    assert not by_anchor["mid.weight:0"].prunable
+    assert any("computed" in r or "used by" in r for r in by_anchor["mid.weight:0"].reasons)
+    ref, out, _ = prune_dead_channels(gm, x)
+    assert (out - ref).abs().max().item() <= PRESERVE_ATOL * max(1.0, ref.abs().max().item())
+
+
+def test_einsum_attention_of_torchvision_maxvit():
+    """MaxViT's attention is written with torch.einsum (and torch.swapaxes): each subscript letter one
+    space, so heads and head_dim are groups like any attention's; function preserved."""
+    from torchvision.models.maxvit import MaxVit
+
+    torch.manual_seed(0)
+    model = randomize_norm_stats(MaxVit(input_size=(32, 32), stem_channels=8, partition_size=2, block_channels=[16, 32],
+                                        block_layers=[1, 1], head_dim=8, stochastic_depth_prob=0.0,
+                                        num_classes=10)).eval()
+    x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    gm = trace(model, x)
+    assert any(n.target is torch.einsum for n in gm.graph.nodes)
+    cg = build(gm)
+    assert not cg.unsupported
+    qkv = [g for g in cg.groups() if any(m.param.endswith("attn_layer.1.to_qkv.weight") for m in g.members)]
+    assert qkv and any(g.prunable for g in qkv)
+    ref, out, pruned = prune_dead_channels(gm, x)
+    assert out.shape == ref.shape == (2, 10)
+    assert (out - ref).abs().max().item() <= PRESERVE_ATOL * max(1.0, ref.abs().max().item())
+    assert _params(pruned) < 0.8 * _params(model)

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from torch import fx
 
-from ..channels import ChannelGraph, Group, Member, build, format_ranges
+from ..channels import ChannelGraph, Group, Member, build, einsum_parts, format_ranges
 from ..data import Calibration, load_calibration
 from ..errors import SurgeryError
 from ..graph import finalize, get_module, node_shape
@@ -371,6 +371,10 @@ def estimate_flops(gm: fx.GraphModule, cg: ChannelGraph, counts: dict[int, int])
         elif kind == "sdpa":
             q, k = (cg.new_shape(a.name, counts) for a in node.args[:2])
             total += 2 * math.prod(q) * k[-2] + 2 * out * k[-2]
+        elif kind == "einsum":  # every combination of the letters' indices is one multiply-add
+            specs, _, operands = einsum_parts(node)
+            sizes = {c: n for spec, op in zip(specs, operands) for c, n in zip(spec, cg.new_shape(op.name, counts))}
+            total += 2 * math.prod(sizes.values())
         elif kind == "window_attention":  # qkv and proj linears, q @ k and attn @ v inside each window
             c, tokens = cg.new_shape(name, counts)[-1], out // cg.new_shape(name, counts)[-1]
             window = math.prod(node.args[4])
