@@ -195,13 +195,14 @@ class Estimate:
         return "; ".join([text, *self.notes])
 
 
-def _size3(size: Any) -> tuple[int, int, int] | None:
-    """(C, H, W) of positive ints, else None (a malformed size is someone else's error to raise)."""
+def _sample_shape(size: Any) -> tuple[int, ...] | None:
+    """The shape of one input sample ((C, H, W) of an image, (F,) of a feature vector) as positive
+    ints, else None (a malformed size is someone else's error to raise)."""
     try:
         out = tuple(int(v) for v in size)
     except (TypeError, ValueError):
         return None
-    return out if len(out) == 3 and min(out) >= 1 else None  # type: ignore[return-value]
+    return out if 1 <= len(out) <= 5 and min(out) >= 1 else None
 
 
 def _tensor_bytes(out: Any) -> int:
@@ -372,7 +373,7 @@ def estimate(model: Any, input_size: Sequence[int], *, passes: Iterable[Any] = (
              data: bool = False, replay: bool = False) -> Estimate:
     """The estimate for ``model`` (on meta or real; a real one is copied to meta for the forward)."""
 
-    size = _size3(input_size) or (3, 224, 224)
+    size = _sample_shape(input_size) or (3, 224, 224)
     est = Estimate(size, batch)
     est.params, est.param_bytes = _param_values_bytes(model)
     on_meta = all(t.device.type == "meta" for t in [*model.parameters(), *model.buffers()])
@@ -393,7 +394,7 @@ def estimate(model: Any, input_size: Sequence[int], *, passes: Iterable[Any] = (
 
 def check_input(input_size: Any, what: str, batch: int = BATCH, hint: str = DEFAULT_HINT) -> None:
     """The example batch alone over the limit: refused before anything is built."""
-    size = _size3(input_size)
+    size = _sample_shape(input_size)
     if size is None:
         return
     need = batch * math.prod(size) * 4
@@ -403,7 +404,7 @@ def check_input(input_size: Any, what: str, batch: int = BATCH, hint: str = DEFA
 def check_model(model: Any, input_size: Any, *, what: str, passes: Iterable[Any] = (), batch: int = BATCH,
                 data: bool = False, replay: bool = False, hint: str = DEFAULT_HINT) -> Estimate | None:
     """Estimate for a model that exists (or is on meta) and refuse it if over the limit."""
-    if _size3(input_size) is None:
+    if _sample_shape(input_size) is None:
         return None
     check_input(input_size, what, batch, hint)
     est = estimate(model, input_size, passes=passes, batch=batch, data=data, replay=replay)
@@ -431,7 +432,7 @@ def check_build(build: Callable[[], Any], input_size: Any, *, what: str,
     except SurgeryError:
         raise
     except Exception:  # noqa: BLE001 - some constructors need real data: estimate without the model
-        size = _size3(input_size) or (3, 224, 224)
+        size = _sample_shape(input_size) or (3, 224, 224)
         est = Estimate(size, batch, notes=[
             "the model does not build on the meta device: params counted for the classifier only, "
             f"activations at {BYTES_PER_INPUT_VALUE} B per input value"])

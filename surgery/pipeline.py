@@ -246,8 +246,10 @@ def apply(
             input_size = tuple(example_inputs.shape[1:])
         loaded = load_model(model, input_size=input_size, pretrained=pretrained)
     if example_inputs is not None:
-        if not isinstance(example_inputs, torch.Tensor) or example_inputs.dim() != 4:
-            raise SurgeryError("example_inputs must be one image batch tensor of shape (B, C, H, W)")
+        if not isinstance(example_inputs, torch.Tensor) or example_inputs.dim() < 2 \
+                or not example_inputs.is_floating_point():
+            raise SurgeryError("example_inputs must be one float batch tensor (B, ...): (B, C, H, W) for an "
+                               "image model, (B, F) for an MLP, (B, T, F) for a sequence")
         loaded.input_size = tuple(example_inputs.shape[1:])
     # Before the example batch and the traced and pass copies exist: the passes' growth is known.
     names = " -> ".join(info.name for info, _ in steps)
