@@ -216,3 +216,27 @@ def test_a_model_without_conv_or_linear_reports_no_flops_ratio():
     out = prune(gm, PruneConfig(), ctx)
     assert out(torch.randn(3, 3, 8, 8)).shape == (3, 48)
     assert "0.000x" not in ctx.notes[0] and ctx.target is None
+
+
+def test_fill_gives_back_many_steps_when_the_ratio_lands_far_below_the_target():
+    """A tie in the scores (random init: equal norms) can drop a wide group far below the budget at one
+    ratio: the fill must climb back to within one step of it, however many steps that takes."""
+    import numpy as np
+
+    from surgery.channels import Group
+    from surgery.passes.prune import _Choice, _fill
+
+    def choice(i, size):
+        group = Group(id=i, size=size, anchor=f"g{i}", prunable=True, reasons=[], tags=set(), multiplicity=1)
+        return _Choice(group, np.ones(size), 8, np.arange(8, size + 1, 8))
+
+    choices = [choice(0, 3072), choice(1, 3072), choice(2, 768)]
+    cost = [1.0, 1.0, 20.0]  # FLOPs per channel: the narrow group is the expensive one
+
+    def flops(counts):
+        return sum(c * k for c, k in zip(cost, counts))
+
+    budget = 0.5 * flops([3072, 3072, 768])
+    counts, complete = _fill(choices, [8, 8, 8], flops, budget)
+    assert complete
+    assert budget - 8 * max(cost) < flops(counts) <= budget  # within one step of the largest group

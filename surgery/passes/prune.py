@@ -386,7 +386,7 @@ def estimate_flops(gm: fx.GraphModule, cg: ChannelGraph, counts: dict[int, int])
 
 FLOPS_TOLERANCE = 0.01  # the report's counter within 1% of the target, or the record says why not
 COUNTER_ROUNDS = 4  # counts of a candidate by the report's counter (each slices a copy)
-MAX_FILL_SWEEPS = 8
+MAX_FILL_SWEEPS = 64  # a tie in the scores (random init) can drop a wide group many steps below the target
 
 
 def _next_score(c: _Choice, kept: int) -> float:
@@ -396,24 +396,30 @@ def _next_score(c: _Choice, kept: int) -> float:
     return float(ranked[kept] / mean) if mean > 0 and kept < len(ranked) else 0.0
 
 
-def _fill(choices: list[_Choice], counts: list[int], flops_of, budget: float) -> list[int]:
+def _fill(choices: list[_Choice], counts: list[int], flops_of, budget: float) -> tuple[list[int], bool]:
     """Give channels back, best next channel first, while the FLOPs stay within ``budget``.
 
     One global ratio moves every group's rounding at once; from the ratio's bisection, each
     group can still take a step back that fits, which brings the result up to the target.
+    Returns the counts and whether nothing more fits (False: stopped after MAX_FILL_SWEEPS).
     """
     counts = list(counts)
+    jump = [1] * len(choices)  # steps a group tries at once: doubled after a fit, halved after a miss
     for _ in range(MAX_FILL_SWEEPS):
-        grown = False
+        moved = False
         for i in sorted((i for i, c in enumerate(choices) if counts[i] < c.group.size),
                         key=lambda i: -_next_score(choices[i], counts[i])):
             bigger = choices[i].allowed[choices[i].allowed > counts[i]]
-            trial = counts[:i] + [int(bigger[0])] + counts[i + 1:]
+            trial = counts[:i] + [int(bigger[min(jump[i], len(bigger)) - 1])] + counts[i + 1:]
             if flops_of(trial) <= budget:
-                counts, grown = trial, True
-        if not grown:
-            break
-    return counts
+                counts, moved = trial, True
+                jump[i] *= 2
+            elif jump[i] > 1:
+                jump[i] //= 2
+                moved = True  # a smaller step may still fit
+        if not moved:
+            return counts, True
+    return counts, False
 
 
 def _next_goal(history: list[tuple[float, float]], target: float) -> float:
@@ -456,6 +462,7 @@ def _flops_search(gm: fx.GraphModule, cg: ChannelGraph, choices: list[_Choice], 
                                "no conv, linear or attention FLOPs to count")
         return ratio, counts
     goal, best, history = target, None, []
+    filled = True
     for _ in bar(range(COUNTER_ROUNDS), "prune: FLOPs search (counted)", unit="round"):
         budget = goal * base_est
         if estimate(counts_at(cfg.max_ratio)) > budget:
@@ -465,16 +472,17 @@ def _flops_search(gm: fx.GraphModule, cg: ChannelGraph, choices: list[_Choice], 
             for _ in range(FLOPS_SEARCH_STEPS):
                 mid = (lo + hi) / 2
                 lo, hi = (lo, mid) if estimate(counts_at(mid)) <= budget else (mid, hi)
-            ratio, counts, reach = hi, _fill(choices, counts_at(hi), estimate, budget), True
+            counts, filled = _fill(choices, counts_at(hi), estimate, budget)
+            ratio, reach = hi, True
         real, est = counted(counts), estimate(counts) / base_est
         key = (real > target * (1 + FLOPS_TOLERANCE), abs(real - target))  # within the budget first
         if best is None or key < best[0]:
-            best = (key, ratio, counts, real, est, reach)
+            best = (key, ratio, counts, real, est, reach, filled)
         if abs(real - target) <= FLOPS_TOLERANCE * target or not reach or abs(est - real) <= 1e-4:
             break  # met; out of reach; or the estimate is the counter and the gap is the channel steps
         history.append((goal, real))
         goal = _next_goal(history, target)
-    _, ratio, counts, real, est, reach = best
+    _, ratio, counts, real, est, reach, filled = best
     ctx.note(f"FLOPs target {target:g}: {real:.3f}x by the report's counter (the search's estimate "
              f"{est:.3f}x); ratio {ratio:.3f}")
     if abs(real - target) > FLOPS_TOLERANCE * target:
@@ -482,6 +490,8 @@ def _flops_search(gm: fx.GraphModule, cg: ChannelGraph, choices: list[_Choice], 
         if not reach:
             why = f"removing up to max_ratio={cfg.max_ratio:g} of every prunable group"
             why += f"; {len(whole)} group(s) kept whole: {_reason_summary(whole)}" if whole else ""
+        elif not filled:
+            why = f"giving channels back stopped after {MAX_FILL_SWEEPS} sweeps"
         else:
             why = (f"the closest {len(choices)} group(s) reach in steps of round_to={cfg.round_to}"
                    + (" (round_to=1 for finer steps)" if cfg.round_to > 1 else " (one channel)"))
