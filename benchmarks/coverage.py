@@ -463,12 +463,12 @@ def run_worker(name: str, result_path: Path, onnx: bool, threads: int, only: lis
                          output_shapes=[list(t.shape) for t in flat_tensors(out)])
             reason = check_changed(info, cfg, reference, out)
             ok = reason is None
-        if ok and effect["target"] and not effect["target"]["met"]:
-            ok, reason = False, f"target missed: {effect['target']['line']}"
-        if ok and pass_name in deep and effect["changed"]:
+        if ok and pass_name in deep and effect["changed"]:  # a missed target still gets its ONNX and reload
             extra["deep"] = True
             reason = deep_check(result, x_new, out, new_size, extra)
             ok = reason is None
+        if ok and effect["target"] and not effect["target"]["met"]:
+            ok, reason = False, f"target missed: {effect['target']['line']}"
         if ok:
             rewritten[pass_name] = result.model
             # A pass that ran clean but changed nothing is a no-op, not a success.
