@@ -1615,7 +1615,9 @@ class ChannelGraph:
 
     def _edit_slice(self, node: fx.Node, slices: list, items: list, keep: dict[int, np.ndarray]) -> None:
         src, idx = node.args
-        items = list(items)
+        # the items were read from the graph this was built on; apply may edit a copy of it
+        lookup = {n.name: n for n in node.graph.nodes}
+        items = list(fx.node.map_arg(tuple(items), lambda n: lookup[n.name]))
         for pos, src_name, d in slices:
             layout = self.dims[src_name][d]
             mask = self.keep_mask(layout, keep)

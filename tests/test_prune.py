@@ -240,3 +240,33 @@ def test_fill_gives_back_many_steps_when_the_ratio_lands_far_below_the_target():
     counts, complete = _fill(choices, [8, 8, 8], flops, budget)
     assert complete
     assert budget - 8 * max(cost) < flops(counts) <= budget  # within one step of the largest group
+
+
+class _BiasGather(torch.nn.Module):
+    """A learned bias table read through an index buffer (EfficientFormer's attention_biases[:, idxs])."""
+
+    def __init__(self):
+        super().__init__()
+        self.proj = torch.nn.Linear(16, 32)
+        self.biases = torch.nn.Parameter(torch.randn(32, 5))
+        self.register_buffer("idx", torch.randint(0, 5, (7,), generator=torch.Generator().manual_seed(0)))
+        self.out = torch.nn.Linear(32, 4)
+
+    def forward(self, x):  # (B, 7, 16)
+        h = torch.relu(self.proj(x) + self.biases[:, self.idx].transpose(0, 1))
+        return self.out(h).mean(1)
+
+
+def test_flops_target_on_a_gathered_table():
+    """The FLOPs search slices copies of the graph: an indexing edit that kept the original graph's
+    nodes failed there ("does not belong to this Graph": davit, efficientformer under flops=0.5)."""
+    import surgery
+
+    torch.manual_seed(0)
+    x = torch.randn(2, 7, 16)
+    result = surgery.apply(_BiasGather().eval(), ["prune:flops=0.5,round_to=1"], example_inputs=x, latency=False)
+    target = result.report["passes"][-1]["effect"]["target"]
+    assert target["met"], target
+    assert result.model.biases.shape[0] < 32
+    with torch.no_grad():
+        assert result.model(x).shape == (2, 4)
