@@ -1579,8 +1579,10 @@ class ChannelGraph:
                 t = _arg(node, index, key)
                 if t is None:
                     continue
-                param = gm.get_parameter(t.target) if t.target in dict(gm.named_parameters()) \
-                    else gm.get_buffer(t.target)
+                try:
+                    param = gm.get_parameter(t.target)
+                except AttributeError:  # a buffer
+                    param = gm.get_buffer(t.target)
                 q_rows = param.shape[0] // 3
                 param[:q_rows].mul_((new / old) ** 0.5)
 
