@@ -380,7 +380,7 @@ def run_worker(name: str, result_path: Path, onnx: bool, threads: int, only: lis
     t0 = prog.start("build")
     try:
         torch.manual_seed(WEIGHT_SEED)
-        loaded = surgery.load_model(name)
+        loaded = surgery.load_model(name, batch=BATCH)  # the memory check at the batch this harness runs
     except Exception as exc:  # noqa: BLE001
         prog.finish("build", t0, "fail", reason=short_reason(exc), traceback=traceback.format_exc(limit=-3))
         return 0

@@ -157,8 +157,12 @@ def _timm_types() -> dict[str, tuple[type, ...]]:
     return {
         "bn": get(norm_act, "BatchNormAct2d", "SyncBatchNormAct", "FrozenBatchNormAct2d") + get(
             norm, "FrozenBatchNorm2d"),
-        "ln_last": get(norm, "LayerNorm", "RmsNorm") + get(norm_act, "LayerNormAct"),
-        "ln_c": get(norm, "LayerNorm2d", "RmsNorm2d") + get(norm_act, "LayerNormAct2d"),
+        "ln_last": get(norm, "LayerNorm", "RmsNorm", "SimpleNorm", "LayerNormFp32", "RmsNormFp32",
+                       "SimpleNormFp32") + get(norm_act, "LayerNormAct", "RmsNormAct", "LayerNormActFp32",
+                                               "RmsNormActFp32"),
+        "ln_c": get(norm, "LayerNorm2d", "RmsNorm2d", "SimpleNorm2d", "LayerNorm2dFp32", "RmsNorm2dFp32",
+                    "SimpleNorm2dFp32", "LayerNormExp2d") + get(norm_act, "LayerNormAct2d", "RmsNormAct2d",
+                                                                "LayerNormAct2dFp32", "RmsNormAct2dFp32"),
         "gn": get(norm, "GroupNorm", "GroupNorm1") + get(norm_act, "GroupNormAct", "GroupNorm1Act"),
         "elementwise": acts + get(drop, "DropPath", "DropBlock2d"),
     }
@@ -174,12 +178,13 @@ _GN_TYPES = (nn.GroupNorm,) + _TIMM["gn"]
 def _conv_types() -> tuple[type, ...]:
     types: list[type] = [nn.Conv1d, nn.Conv2d, nn.Conv3d]
     try:
-        from timm.layers import Conv2dSame
-
-        types.append(Conv2dSame)
+        import timm.layers as tl
     except ImportError:
-        pass
-    return tuple(types)
+        return tuple(types)
+    # Weight standardization is per output row: pruning outputs is exact; pruning inputs recomputes
+    # each row's mean and std over the kept inputs (a change, like any pruning of live channels).
+    names = ("Conv2dSame", "StdConv2d", "StdConv2dSame", "ScaledStdConv2d", "ScaledStdConv2dSame")
+    return tuple(types + [getattr(tl, n) for n in names if hasattr(tl, n)])
 
 
 _CONV_TYPES = _conv_types()
@@ -783,6 +788,10 @@ class ChannelGraph:
             self._softmax(node)
         elif (method and name in _RESHAPES) or (not method and target is torch.reshape):
             self._reshape(node, consumed, literal=True)
+        elif method and name in ("reshape_as", "view_as"):  # the other tensor's shape: its dims, unified
+            self._reshape(node, consumed, literal=False)
+            for mine, theirs in zip(self.dims[node.name], self._d(node.args[1])):
+                self.unify(mine, theirs, node.name)
         elif (method and name in _SHAPE_CHANGES) or (not method and target in (torch.flatten, torch.squeeze,
                                                                               torch.unsqueeze)):
             self._reshape(node, consumed, literal=False)
@@ -916,6 +925,8 @@ class ChannelGraph:
                 self._member(f"{name}.weight", 1, k_in, "in")
             if m.bias is not None:
                 self._member(f"{name}.bias", 0, ports["out"], "out")
+            if isinstance(getattr(m, "gain", None), nn.Parameter):  # ScaledStdConv2d: (out, 1, 1, 1)
+                self._member(f"{name}.gain", 0, ports["out"], "out")
             self.modules[name] = ("conv", ports)  # in_channels, out_channels, groups: the same attributes
         x = self._d(node.args[0])
         if len(node.args) != 1 or node.kwargs:  # e.g. a transposed conv's output_size=

@@ -31,6 +31,26 @@ TRACE_RTOL = 1e-5
 MAX_LEAF_FALLBACKS = 64
 
 
+def _is_timm_block(t: type) -> bool:
+    return t.__module__.startswith("timm.models.")
+
+
+def timm_notrace_blocks() -> set[type]:
+    """The model blocks timm marks not fx-traceable, often for reasons the graph check settles."""
+    try:
+        import timm.layers as tl
+    except ImportError:
+        return set()
+    return {t for t in tl.get_notrace_modules() if _is_timm_block(t)}
+
+
+def _is_impure(node: fx.Node) -> bool:
+    """Dead-code elimination must keep in-place methods (``out.mul_(gain)``) whose result goes unused."""
+    if node.op == "call_method" and node.target.endswith("_") and not node.target.endswith("__"):
+        return True
+    return node.is_impure()
+
+
 def _timm_leaf_types() -> tuple[set[type], set[Any]]:
     """Module types and functions timm marks as not fx-traceable, plus our own choices."""
     try:
@@ -38,7 +58,9 @@ def _timm_leaf_types() -> tuple[set[type], set[Any]]:
         from timm.layers import drop, norm, norm_act
     except ImportError:  # timm is a dependency, but keep plain torch models working
         return set(), set()
-    modules = set(tl.get_notrace_modules())
+    # timm's own layers it marks not traceable stay leaves; its model blocks (timm.models.*: NormFreeBlock,
+    # MobileVitBlock, TinyVitBlock, GPSA...) are traced through where that works: see trace().
+    modules = {t for t in tl.get_notrace_modules() if not _is_timm_block(t)}
     # Norm, norm-act and drop layers branch on self.training; tracing through them
     # would freeze eval behaviour into the graph. As leaves they stay modules that
     # fine-tuning can train and passes can recognise.
@@ -49,18 +71,64 @@ def _timm_leaf_types() -> tuple[set[type], set[Any]]:
     # timm's Linear (an nn.Linear subclass for AMP) would dissolve into F.linear; as a leaf
     # it stays a module that the passes recognise as a Linear (classifiers of ~10 families).
     modules.add(tl.Linear)
+    # Weight-standardized convs (NFNet, BiT) recompute their weight in forward; as leaves prune sees a
+    # conv with a per-output gain instead of batch_norm over a reshaped parameter.
+    modules.update(getattr(tl, n) for n in ("StdConv2d", "StdConv2dSame", "ScaledStdConv2d",
+                                            "ScaledStdConv2dSame") if hasattr(tl, n))
     return modules, set(tl.get_notrace_functions())
 
 
 class SurgeryTracer(fx.Tracer):
     """fx Tracer that knows timm's untraceable layers and takes extra leaf modules by name."""
 
-    def __init__(self, leaf_names: Iterable[str] = ()):
-        leaf_types, functions = _timm_leaf_types()
+    def __init__(self, leaf_names: Iterable[str] = (), leaf_types: Iterable[type] = (),
+                 specialize: Iterable[str] = (), inputs: tuple = (), concrete: dict | None = None):
+        own_types, functions = _timm_leaf_types()
         super().__init__(autowrap_functions=tuple(f for f in functions if callable(f)))
-        self.leaf_types = tuple(leaf_types)
+        self.leaf_types = tuple(own_types | set(leaf_types))
         self.leaf_names = set(leaf_names)
         self.surgery_stack: list[str] = []
+        # Modules whose `if` on a traced value is decided by the example input's value (their shapes
+        # are fixed by it anyway); the count of decisions per module goes to TraceInfo.specialized.
+        self.specialize = set(specialize)
+        self.decisions: dict[str, int] = {}
+        self._inputs, self._concrete = list(inputs), dict(concrete or {})
+        self._values: dict[fx.Node, Any] = {}
+
+    def proxy(self, node: fx.Node) -> fx.Proxy:
+        return _ValueProxy(node, self)
+
+    def to_bool(self, obj: fx.Proxy) -> bool:
+        return bool(self.decide(obj, super().to_bool))
+
+    def decide(self, obj: fx.Proxy, otherwise: Any) -> Any:
+        """The value of ``obj`` where a specialized module needs a plain Python value, else ``otherwise(obj)``."""
+        owner = next((n for n in reversed(self.surgery_stack) if n in self.specialize), None)
+        if owner is None or not _from_shapes(obj.node):  # a tensor's values decide: never fixed at trace
+            return otherwise(obj)
+        self.decisions[owner] = self.decisions.get(owner, 0) + 1
+        return self._value(obj.node)
+
+    def _value(self, node: fx.Node) -> Any:
+        """The node's value on the example input: the graph so far, run in order up to it."""
+        with torch.no_grad(), _untraced():
+            for n in self.graph.nodes:
+                if n in self._values:
+                    continue
+                args, kwargs = fx.node.map_arg((n.args, n.kwargs), lambda a: self._values[a])
+                if n.op == "placeholder":
+                    self._values[n] = self._inputs.pop(0) if self._inputs else self._concrete.get(n.target)
+                elif n.op == "get_attr":
+                    self._values[n] = fetch_attr(self.root, n.target)
+                elif n.op == "call_function":
+                    self._values[n] = n.target(*args, **kwargs)
+                elif n.op == "call_method":
+                    self._values[n] = getattr(args[0], n.target)(*args[1:], **kwargs)
+                elif n.op == "call_module":
+                    self._values[n] = self.root.get_submodule(n.target)(*args, **kwargs)
+                if n is node:
+                    break
+        return self._values[node]
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
         if module_qualified_name in self.leaf_names:
@@ -80,6 +148,49 @@ class SurgeryTracer(fx.Tracer):
         return out
 
 
+_SHAPE_METHODS = {"size", "dim", "numel", "__len__"}
+_SHAPE_ATTRS = {"shape", "ndim"}
+
+
+def _from_shapes(node: fx.Node, depth: int = 0) -> bool:
+    """Whether a traced value is computed from tensor shapes and constants only (never tensor values)."""
+    if depth > 64:
+        return False
+    if node.op == "call_method":
+        return node.target in _SHAPE_METHODS
+    if node.op != "call_function":
+        return False
+    if node.target is getattr:
+        return node.args[1] in _SHAPE_ATTRS
+    module = getattr(node.target, "__module__", None)
+    if node.target is not len and module not in ("_operator", "operator", "math"):
+        return False
+    return all(_from_shapes(p, depth + 1) for p in node.all_input_nodes)
+
+
+def _untraced() -> contextlib.AbstractContextManager:
+    """Leave fx's patches (module calls, wrapped functions) while running real values mid-trace."""
+    revert = getattr(torch.fx._symbolic_trace, "_maybe_revert_all_patches", None)
+    return revert() if revert is not None else contextlib.nullcontext()
+
+
+def _no_number(obj: fx.Proxy) -> Any:
+    raise TypeError(f"{obj} is traced: it has no number value")
+
+
+class _ValueProxy(fx.Proxy):
+    """A Proxy that a specialized module may turn into a number (``math.ceil(H / p)``, ``range(n)``)."""
+
+    def __int__(self) -> int:
+        return int(self.tracer.decide(self, _no_number))
+
+    def __index__(self) -> int:
+        return int(self.tracer.decide(self, _no_number))
+
+    def __float__(self) -> float:
+        return float(self.tracer.decide(self, _no_number))
+
+
 @dataclass
 class TraceInfo:
     """What tracing decided, kept on ``gm.meta['surgery']``."""
@@ -88,6 +199,7 @@ class TraceInfo:
     decomposed: list[str] = field(default_factory=list)  # library modules rewritten as plain ops
     concrete_args: dict[str, Any] = field(default_factory=dict)
     max_abs_diff: float = 0.0
+    specialized: dict[str, int] = field(default_factory=dict)  # module -> `if`s decided by the example input
 
 
 def _concrete_args(model: nn.Module, n_inputs: int) -> dict[str, Any]:
@@ -112,14 +224,22 @@ def _graph_module(root: nn.Module, graph: fx.Graph, name: str) -> fx.GraphModule
     return gm
 
 
-def _symbolic_trace(model: nn.Module, leaf_names: set[str], concrete: dict) -> fx.GraphModule:
-    tracer = SurgeryTracer(leaf_names)
+def fetch_attr(root: nn.Module, target: str) -> Any:
+    obj = root
+    for part in target.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def _symbolic_trace(model: nn.Module, leaf_names: set[str], concrete: dict, leaf_types: Iterable[type] = (),
+                    specialize: Iterable[str] = (), inputs: tuple = ()) -> tuple[fx.GraphModule, dict[str, int]]:
+    tracer = SurgeryTracer(leaf_names, leaf_types, specialize, inputs, concrete)
     try:
         graph = tracer.trace(model, concrete_args=concrete or None)
     except Exception as exc:  # noqa: BLE001 - any failure may be fixed by a leaf
         exc.surgery_module_stack = list(tracer.surgery_stack)  # type: ignore[attr-defined]
         raise
-    return _graph_module(tracer.root, graph, type(model).__name__)
+    return _graph_module(tracer.root, graph, type(model).__name__), tracer.decisions
 
 
 def _as_tuple(example_inputs: Any) -> tuple:
@@ -170,6 +290,69 @@ def propagate_shapes(gm: fx.GraphModule, example_inputs: Any) -> Any:
         raise
 
 
+def _drop_cached_proxies(model: nn.Module) -> None:
+    """Forget what an earlier trace left in eval-mode caches (TinyViT's and LeViT's attention_bias_cache)."""
+    for m in model.modules():
+        for value in vars(m).values():
+            if isinstance(value, dict) and any(isinstance(v, fx.Proxy) for v in value.values()):
+                for key in [k for k, v in value.items() if isinstance(v, fx.Proxy)]:
+                    del value[key]
+
+
+class _TraceMismatch(Exception):
+    pass
+
+
+def _trace_checked(model: nn.Module, inputs: tuple, eager_out: Any, concrete: dict, leaves: set[str],
+                   leaf_types: set[type], verify: bool) -> fx.GraphModule:
+    """Trace with leaf fallbacks, shapes on every node, and (``verify``) the output checked against eager."""
+    fallbacks: list[str] = []
+    specialize: set[str] = set()
+    named = dict(model.named_modules())
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", category=torch.jit.TracerWarning)
+        for _ in range(2 * MAX_LEAF_FALLBACKS + 1):
+            _drop_cached_proxies(model)
+            try:
+                gm, decisions = _symbolic_trace(model, leaves, concrete, leaf_types, specialize, inputs)
+                break
+            except Exception as exc:  # noqa: BLE001
+                stack = [n for n in getattr(exc, "surgery_module_stack", []) if n]
+                culprit = next((n for n in reversed(stack) if n not in leaves and n in named), None)
+                if culprit is None:
+                    raise SurgeryError(
+                        f"cannot fx-trace {type(model).__name__}: its own forward() is not "
+                        f"traceable ({type(exc).__name__}: {str(exc).splitlines()[0][:200]})"
+                    ) from exc
+                # Control flow or numbers from a shape: decide them by the example input first, else a leaf.
+                if culprit not in specialize:
+                    log.info("tracing %s hit control flow (%s); deciding it by the example input", culprit, exc)
+                    specialize.add(culprit)
+                    continue
+                log.info("tracing %s failed (%s); treating it as a leaf", culprit, exc)
+                leaves.add(culprit)
+                fallbacks.append(culprit)
+        else:
+            raise SurgeryError(f"cannot fx-trace {type(model).__name__}: too many untraceable submodules")
+    gm.eval()
+    info = TraceInfo(leaf_fallbacks=fallbacks, decomposed=decompose(gm), concrete_args=concrete,
+                     specialized=decisions)
+    gm.meta["surgery"] = info
+    graph_out = propagate_shapes(gm, inputs)
+    if verify:
+        diff = compare_outputs(eager_out, graph_out)
+        scale = output_scale(eager_out)
+        info.max_abs_diff = diff
+        if not diff <= TRACE_ATOL + TRACE_RTOL * scale:
+            raise _TraceMismatch(
+                f"traced graph of {type(model).__name__} differs from the eager model "
+                f"(max abs diff {diff:.3g}); this is a bug in the tracer, please report it"
+            )
+    if fallbacks:
+        log.warning("traced with %d untraceable submodule(s) as leaves: %s", len(fallbacks), ", ".join(fallbacks))
+    return gm
+
+
 def trace(
     model: nn.Module,
     example_inputs: Any,
@@ -198,43 +381,20 @@ def trace(
             f"input {size} does not fit {type(model).__name__} ({reason}); choose another --input-size"
         ) from exc
     concrete = _concrete_args(model, len(inputs))
-    leaves = set(leaf_modules)
-    fallbacks: list[str] = []
-    named = dict(model.named_modules())
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", category=torch.jit.TracerWarning)
-        for _ in range(MAX_LEAF_FALLBACKS + 1):
-            try:
-                gm = _symbolic_trace(model, leaves, concrete)
-                break
-            except Exception as exc:  # noqa: BLE001
-                stack = [n for n in getattr(exc, "surgery_module_stack", []) if n]
-                culprit = next((n for n in reversed(stack) if n not in leaves and n in named), None)
-                if culprit is None:
-                    raise SurgeryError(
-                        f"cannot fx-trace {type(model).__name__}: its own forward() is not "
-                        f"traceable ({type(exc).__name__}: {str(exc).splitlines()[0][:200]})"
-                    ) from exc
-                log.info("tracing %s failed (%s); treating it as a leaf", culprit, exc)
-                leaves.add(culprit)
-                fallbacks.append(culprit)
-        else:
-            raise SurgeryError(f"cannot fx-trace {type(model).__name__}: too many untraceable submodules")
-    gm.eval()
-    info = TraceInfo(leaf_fallbacks=fallbacks, decomposed=decompose(gm), concrete_args=concrete)
-    gm.meta["surgery"] = info
-    if fallbacks:
-        log.warning("traced with %d untraceable submodule(s) as leaves: %s", len(fallbacks), ", ".join(fallbacks))
-    graph_out = propagate_shapes(gm, inputs)
-    if verify:
-        diff = compare_outputs(eager_out, graph_out)
-        scale = output_scale(eager_out)
-        info.max_abs_diff = diff
-        if not diff <= TRACE_ATOL + TRACE_RTOL * scale:
-            raise RuntimeError(
-                f"traced graph of {type(model).__name__} differs from the eager model "
-                f"(max abs diff {diff:.3g}); this is a bug in the tracer, please report it"
-            )
+    # timm's model blocks marked not traceable are traced through first; where the graph then differs from
+    # the eager model (an in-place op fx lost), the whole trace is redone with them as leaves.
+    blocks = {type(m) for m in model.modules()} & timm_notrace_blocks()
+    for leaf_blocks in ([set(), blocks] if blocks else [set()]):
+        try:
+            gm = _trace_checked(model, inputs, eager_out, concrete, set(leaf_modules), leaf_blocks, verify)
+            break
+        except Exception as exc:  # noqa: BLE001 - the first try's failures all mean: keep timm's leaves
+            if leaf_blocks == blocks:
+                if isinstance(exc, _TraceMismatch):
+                    raise RuntimeError(str(exc)) from None
+                raise
+            log.info("tracing through %s failed (%s); keeping them as leaves",
+                     ", ".join(sorted(t.__name__ for t in blocks)), exc)
     if was_training:
         gm.train()
     return gm
@@ -265,7 +425,7 @@ def remove_node(gm: fx.GraphModule, node: fx.Node, replacement: fx.Node) -> None
 
 def finalize(gm: fx.GraphModule) -> fx.GraphModule:
     """Clean up after an edit: drop dead code and unused modules, lint, recompile."""
-    gm.graph.eliminate_dead_code()
+    gm.graph.eliminate_dead_code(is_impure_node=_is_impure)
     gm.delete_all_unused_submodules()
     gm.graph.lint()
     gm.recompile()

@@ -415,6 +415,7 @@ def load_model(
     num_classes: int | None = None,
     input_size: str | tuple | None = None,
     pretrained: bool = False,
+    batch: int | None = None,
 ) -> LoadedModel:
     """Load a model from a timm name, ``torchvision:NAME`` or an artifact DIR.
 
@@ -424,9 +425,11 @@ def load_model(
     state-dict .pth file (a training checkpoint too), or for torchvision the name of a
     weights enum member (``IMAGENET1K_V2``). The recipe's source records which.
     The input size defaults to the model's pretrained_cfg (timm) or 3x224x224.
+    ``batch``: the largest batch the caller will run, for the memory check (default: apply's, 8).
     """
     from . import limits
 
+    batch = limits.BATCH if batch is None else batch
     if num_classes is not None:
         limits.check_num_classes(num_classes)
     size = parse_input_size(input_size)
@@ -462,12 +465,12 @@ def load_model(
     elif spec.startswith("torchvision:"):
         # Sizes are checked on a meta-device build first: nothing allocated if they are too big.
         limits.check_build(lambda: _torchvision_model(spec.split(":", 1)[1], num_classes)[0],
-                           size or DEFAULT_INPUT_SIZE, what=what, num_classes=num_classes)
+                           size or DEFAULT_INPUT_SIZE, what=what, num_classes=num_classes, batch=batch)
         model, source, io = _torchvision_model(spec.split(":", 1)[1], num_classes, tv_weights)
         loaded = LoadedModel(model, size or DEFAULT_INPUT_SIZE, source, io=io)
     else:
         limits.check_build(lambda: _timm_model(spec, num_classes, size)[0], size, what=what,
-                           default_size=default_input_size, num_classes=num_classes)
+                           default_size=default_input_size, num_classes=num_classes, batch=batch)
         model, source = _timm_model(spec, num_classes, size, pretrained=pretrained)
         loaded = LoadedModel(model, size or default_input_size(model), source, io=_timm_io(model, pretrained))
     if weights is not None:

@@ -594,3 +594,76 @@ def test_einsum_attention_of_torchvision_maxvit():
     assert out.shape == ref.shape == (2, 10)
     assert (out - ref).abs().max().item() <= PRESERVE_ATOL * max(1.0, ref.abs().max().item())
     assert _params(pruned) < 0.8 * _params(model)
+
+
+class LinearBN(nn.Module):
+    """LeViT's Linear + BatchNorm1d over the flattened tokens, shaped back with reshape_as."""
+
+    def __init__(self, cin, cout):
+        super().__init__()
+        self.linear = nn.Linear(cin, cout, bias=False)
+        self.bn = nn.BatchNorm1d(cout)
+
+    def forward(self, x):
+        x = self.linear(x)
+        return self.bn(x.flatten(0, 1)).reshape_as(x)
+
+
+class LeViTMlp(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.embed = LinearBN(12, 16)
+        self.fc1, self.fc2 = LinearBN(16, 32), LinearBN(32, 16)
+        self.head = nn.Linear(16, 5)
+
+    def forward(self, x):
+        x = self.embed(x)
+        x = x + self.fc2(F.hardswish(self.fc1(x)))
+        return self.head(x.mean(1))
+
+
+def test_reshape_as_takes_the_other_tensors_channels():
+    torch.manual_seed(0)
+    model = randomize_norm_stats(LeViTMlp()).eval()
+    x = torch.randn(2, 7, 12, generator=torch.Generator().manual_seed(1))
+    gm = trace(model, x)
+    cg = build(gm)
+    assert sum(g.prunable for g in cg.groups()) == 2  # the stream (16) and the hidden (32)
+    ref, out, pruned = prune_dead_channels(gm, x)
+    assert (out - ref).abs().max().item() <= PRESERVE_ATOL * max(1.0, ref.abs().max().item())
+    assert _params(pruned) < 0.8 * _params(model)
+
+
+def test_weight_standardized_convs_prune_outputs_exactly_and_their_gain_with_them():
+    from timm.layers import ScaledStdConv2d
+
+    torch.manual_seed(0)
+    model = nn.Sequential(ScaledStdConv2d(3, 16, 3, padding=1), nn.SiLU(), ScaledStdConv2d(16, 8, 1),
+                          nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 4)).eval()
+    with torch.no_grad():
+        model[0].gain.uniform_(0.5, 1.5)
+    x = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(1))
+    gm = trace(model, x)
+    assert [type(gm.get_submodule(n.target)).__name__ for n in gm.graph.nodes if n.op == "call_module"][0] \
+        == "ScaledStdConv2d"  # a leaf conv, not batch_norm over a reshaped weight
+    cg = build(gm)
+    keep = choose_removed(cg)
+    (gid, mask), = [(g.id, keep[g.id]) for g in cg.groups() if g.size == 16]
+    with torch.no_grad():
+        before = model[1](model[0](x))[:, torch.as_tensor(np.flatnonzero(mask))]
+        cg.apply(gm, keep)
+        after = gm.get_submodule("1")(gm.get_submodule("0")(x))
+    assert gm.get_submodule("0").gain.shape == (int(mask.sum()), 1, 1, 1)
+    assert gm.get_submodule("2").in_channels == int(mask.sum())
+    # Standardization is per output row: the kept outputs of the first conv are exactly the same.
+    assert (after - before).abs().max().item() <= 1e-5
+    assert torch.isfinite(gm(x)).all() and gm(x).shape == (2, 4)
+
+
+def test_rms_norm_act_2d_carries_channels():
+    from timm.layers import RmsNormAct2d
+
+    model = nn.Sequential(nn.Conv2d(3, 16, 3), RmsNormAct2d(16), nn.Conv2d(16, 4, 1)).eval()
+    cg = build(trace(model, torch.randn(2, 3, 8, 8)))
+    (group,) = [g for g in cg.groups() if g.size == 16]
+    assert group.prunable and any(m.param == "1.weight" for m in group.members)

@@ -1,11 +1,14 @@
+import math
+
 import pytest
 import timm
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 import surgery
 from surgery.errors import SurgeryError
-from surgery.graph import compare_outputs, node_shape
+from surgery.graph import compare_outputs, finalize, node_shape
 
 # (timm name, input H=W, extra create kwargs): small inputs where the model allows, to keep CI fast.
 TRACE_MODELS = [
@@ -120,3 +123,80 @@ def test_timm_linear_stays_a_module_so_the_head_pass_finds_it():
     assert not [n for n in gm.graph.nodes if n.op == "call_function" and n.target is torch.nn.functional.linear]
     result = surgery.apply(model, ["head:num_classes=7"], example_inputs=x, measure=False)
     assert result.model(x).shape == (2, 7)
+
+
+class PadToPatches(nn.Module):
+    """MobileViT's pattern: control flow and math.ceil on the input's spatial size."""
+
+    def __init__(self, patch=4):
+        super().__init__()
+        self.patch = patch
+        self.conv = nn.Conv2d(3, 4, 1)
+
+    def forward(self, x):
+        b, c, h, w = x.shape
+        new_h = math.ceil(h / self.patch) * self.patch
+        if new_h != h:
+            x = F.interpolate(x, size=(new_h, new_h), mode="bilinear", align_corners=False)
+        x = self.conv(x)
+        return x.reshape(b, 4, -1).mean(-1)  # b stays traced: any batch
+
+
+class WithShapeBranch(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.pad = PadToPatches()
+        self.head = nn.Linear(4, 2)
+
+    def forward(self, x):
+        return self.head(self.pad(x))
+
+
+def test_control_flow_on_shapes_is_decided_by_the_example_input():
+    model = WithShapeBranch().eval()
+    x = torch.randn(2, 3, 14, 14)
+    gm = surgery.trace(model, x)
+    info = gm.meta["surgery"]
+    assert info.leaf_fallbacks == [] and info.specialized == {"pad": 1}  # the `if` (the ceil stays a traced op)
+    assert not any(n.op == "call_module" and n.target == "pad" for n in gm.graph.nodes)
+    with torch.no_grad():
+        for batch in (1, 3):  # the batch was never fixed
+            other = torch.randn(batch, 3, 14, 14)
+            assert compare_outputs(model(other), gm(other)) <= 1e-6
+
+
+def test_control_flow_on_tensor_values_is_never_decided_at_trace(images):
+    """Negative control: `if x.sum() > 0` depends on values, so the module stays a leaf."""
+    gm = surgery.trace(WithUntraceable().eval(), images)
+    assert gm.meta["surgery"].specialized == {} and gm.meta["surgery"].leaf_fallbacks == ["odd"]
+
+
+class InPlaceGain(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 3, 1)
+        self.gain = nn.Parameter(torch.full((1, 3, 1, 1), 0.5))
+
+    def forward(self, x):
+        out = self.conv(x)
+        out.mul_(self.gain)  # NFNet's skipinit: the result of mul_ goes unused
+        return out + x
+
+
+def test_in_place_methods_survive_dead_code_elimination(images):
+    model = InPlaceGain().eval()
+    gm = finalize(surgery.trace(model, images))
+    assert any(n.target == "mul_" for n in gm.graph.nodes)
+    with torch.no_grad():
+        assert compare_outputs(model(images), gm(images)) <= 1e-6
+
+
+def test_timm_blocks_marked_untraceable_are_traced_through_where_they_can_be():
+    model = timm.create_model("mobilevit_xxs", num_classes=5).eval()
+    x = torch.randn(2, 3, 64, 64)
+    gm = surgery.trace(model, x)
+    kinds = {type(gm.get_submodule(n.target)).__name__ for n in gm.graph.nodes if n.op == "call_module"}
+    assert "MobileVitBlock" not in kinds and gm.meta["surgery"].leaf_fallbacks == []
+    with torch.no_grad():
+        other = torch.randn(3, 3, 64, 64)
+        assert compare_outputs(model(other), gm(other)) <= 1e-5 * max(1.0, model(other).abs().max().item())
