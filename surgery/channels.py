@@ -1199,9 +1199,18 @@ class ChannelGraph:
             packed = True
         if len(sizes) != len(dims):
             raise _Unsupported()
+        # reshape(B, N, C) with C read off another tensor would tie this tensor's channels to that one's
+        # (an attention's heads x head_dim to the residual stream); one such size becomes -1 instead.
+        free = None
+        if node.op == "call_method" and node.target in _RESHAPES and -1 not in sizes:
+            free = next((j for j in reversed(range(len(sizes)))  # the innermost: channels, not the batch
+                         if isinstance(sizes[j], fx.Node) and sizes[j].name in self.scalars
+                         and not isinstance(self.resolve(dims[j]), Fixed)), None)
         for j, s in enumerate(sizes):
             if isinstance(s, fx.Node):
-                if s.name in self.scalars:
+                if j == free:
+                    consumed.add(s.name)
+                elif s.name in self.scalars:
                     consumed.add(s.name)
                     src, d = self.scalars[s.name]
                     self.unify(self.dims[src][d], dims[j], node.name)
@@ -1217,7 +1226,7 @@ class ChannelGraph:
                     self.fix(dims[j], f"computed size at {node.name}")
             elif not isinstance(s, int):
                 raise _Unsupported()
-        self.edits.append((node.name, "sizes", {"packed": packed}))
+        self.edits.append((node.name, "sizes", {"packed": packed, "free": free}))
 
     def _permute(self, node: fx.Node) -> None:
         x = self._d(node.args[0])
@@ -1558,7 +1567,7 @@ class ChannelGraph:
         for name, kind, data in self.edits:
             node = nodes[name]
             if kind == "sizes":
-                self._edit_sizes(node, data["packed"], counts)
+                self._edit_sizes(node, data["packed"], counts, data["free"])
             elif kind == "split":
                 self._edit_split(node, data["dim"], counts)
             elif kind == "slice":
@@ -1597,13 +1606,15 @@ class ChannelGraph:
                 q_rows = param.shape[0] // 3
                 param[:q_rows].mul_((new / old) ** 0.5)
 
-    def _edit_sizes(self, node: fx.Node, packed: bool, counts: dict[int, int]) -> None:
+    def _edit_sizes(self, node: fx.Node, packed: bool, counts: dict[int, int], free: int | None = None) -> None:
         dims = self.dims[node.name]
         if node.op == "call_function":
             sizes = list(_arg(node, 1, "shape"))
         else:
             sizes = list(node.args[1]) if packed else list(node.args[1:])
         new = [self.kept(d, counts) if isinstance(s, int) and s != -1 else s for s, d in zip(sizes, dims)]
+        if free is not None:
+            new[free] = -1
         if new == sizes:
             return
         if node.op == "call_function":

@@ -136,6 +136,8 @@ TIMM_CASES = [  # (model, create_model kwargs): together they cover every coupli
     ("convnext_atto", {}),  # channels-first blocks, layer scale (get_attr gamma)
     ("convnext_atto", {"conv_mlp": False}),  # channels-last blocks: permute, LayerNorm, Linear
     ("vit_tiny_patch16_224", {"img_size": 32, "patch_size": 8}),  # heads, cls token, pos embed
+    # reshape(B, N, C) with C read off the block's input: heads apart from the residual stream
+    ("test_vit_relpos", {"img_size": 32}),
 ]
 
 
@@ -667,3 +669,11 @@ def test_rms_norm_act_2d_carries_channels():
     cg = build(trace(model, torch.randn(2, 3, 8, 8)))
     (group,) = [g for g in cg.groups() if g.size == 16]
     assert group.prunable and any(m.param == "1.weight" for m in group.members)
+
+
+def test_reshape_to_a_size_read_off_another_tensor_does_not_tie_heads_to_the_stream():
+    model = timm.create_model("test_vit_relpos", img_size=32, num_classes=10).eval()
+    gm = trace(model, torch.randn(2, 3, 32, 32))
+    heads = [g for g in build(gm).groups() if "heads" in g.tags]
+    assert len(heads) == len(model.blocks)  # one heads group per block, none shared with the stream
+    assert all(g.prunable and not any(m.param.startswith("patch_embed") for m in g.members) for g in heads)
