@@ -20,6 +20,7 @@ from torch import fx, nn
 
 from . import __version__
 from .errors import SurgeryError
+from .inputs import normalize
 from .models import IO_KEYS, LoadedModel, load_state_dict_checked
 from .recipe import RECIPE_FORMAT, read_recipe_file
 from .safeio import PARTIAL, check_parent, recover, refuse_symlink, replace_dir, sha256_file
@@ -140,7 +141,7 @@ def write_artifact(
     ``keep`` names entries of the old folder to carry over (a training run's checkpoint/).
     """
     out = check_out_dir(out, force)
-    input_size = tuple(recipe["input_size"])
+    input_size = normalize(recipe["input_size"])
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.{PARTIAL}-{os.getpid()}-", dir=out.absolute().parent))
     try:
         save_weights(model, tmp / WEIGHTS)
@@ -239,7 +240,7 @@ def load_artifact(directory: str | Path, *, base_model: nn.Module | None = None)
         raise SurgeryError(f"cannot read {d / WEIGHTS} ({exc}); the artifact is damaged") from None
     load_state_dict_checked(gm, fill_ties(gm, state), what=str(d / WEIGHTS), exact_dtype=True)
     gm.eval()
-    return LoadedModel(gm, tuple(recipe["input_size"]), recipe["source"], list(recipe["passes"]),
+    return LoadedModel(gm, normalize(recipe["input_size"]), recipe["source"], list(recipe["passes"]),
                        io={k: recipe[k] for k in IO_KEYS if k in recipe})
 
 

@@ -501,6 +501,10 @@ def load_calibration(spec: str, example: torch.Tensor, n_images: int, batch_size
     Passes use them to measure the model on real data (prune's taylor and compensate, ebcle's scores);
     ``who`` names the pass in error messages.
     """
+    if not isinstance(example, torch.Tensor):  # a model's several inputs
+        if len(example) != 1:
+            raise SurgeryError(f"{who}: calibration data needs a model of one image input, not {len(example)} inputs")
+        example = example[0]
     if example.dim() != 4 or example.shape[-1] != example.shape[-2]:
         raise SurgeryError(f"{who}: calibration data needs a square image input, not {tuple(example.shape[1:])}")
     data = load_data(spec, image_size=int(example.shape[-1]), limit=n_images, seed=seed)

@@ -31,6 +31,7 @@ from torch import nn
 
 from .errors import ParityError, SurgeryError
 from .graph import output_tensors
+from .inputs import as_json, as_tuple, random_inputs, sample_shapes
 from .predict import META_PREFIX  # the metadata contract, read there without torch
 from .progress import Steps
 from .safeio import atomic_file, check_parent
@@ -158,35 +159,43 @@ def _file_bytes(path: Path, proto: onnx.ModelProto) -> int:
     )
 
 
-def _export_dynamo(model: nn.Module, x: torch.Tensor, path: Path, opset: int | None, external: bool) -> None:
+def input_names(n: int) -> list[str]:
+    """ONNX input names: ``input`` for a model of one input, ``input_0``, ``input_1``... for several."""
+    return [INPUT_NAME] if n == 1 else [f"{INPUT_NAME}_{i}" for i in range(n)]
+
+
+def _export_dynamo(model: nn.Module, xs: tuple[torch.Tensor, ...], path: Path, opset: int | None,
+                   external: bool) -> None:
     # min=1: batch 1 is a valid size even though the example has batch >= 2.
     batch = torch.export.Dim(BATCH_DIM, min=1)
     torch.onnx.export(
         model,
-        (x,),
+        xs,
         str(path),
         dynamo=True,
-        input_names=[INPUT_NAME],
+        input_names=input_names(len(xs)),
         output_names=[OUTPUT_NAME],
-        dynamic_shapes=({0: batch},),
+        dynamic_shapes=tuple({0: batch} for _ in xs),
         opset_version=opset,
         external_data=external,
         verbose=False,
     )
 
 
-def _export_torchscript(model: nn.Module, x: torch.Tensor, path: Path, opset: int | None, external: bool) -> None:
+def _export_torchscript(model: nn.Module, xs: tuple[torch.Tensor, ...], path: Path, opset: int | None,
+                       external: bool) -> None:
     # The TorchScript exporter switches to external data by itself once the proto would
     # pass 2 GiB (it needs a file path for that, hence str(path)); `external` is unused.
     del external
+    names = input_names(len(xs))
     torch.onnx.export(
         model,
-        (x,),
+        xs,
         str(path),
         dynamo=False,
-        input_names=[INPUT_NAME],
+        input_names=names,
         output_names=[OUTPUT_NAME],
-        dynamic_axes={INPUT_NAME: {0: BATCH_DIM}, OUTPUT_NAME: {0: BATCH_DIM}},
+        dynamic_axes={**{n: {0: BATCH_DIM} for n in names}, OUTPUT_NAME: {0: BATCH_DIM}},
         opset_version=opset,
         verbose=False,
     )
@@ -201,7 +210,7 @@ def onnx_metadata(input_size: Sequence[int], io: dict[str, Any] | None = None,
     ``recipe_sha256`` hashes the recipe's architecture (format, source, input size, passes:
     canonical JSON), so a file can be matched with the artifact it came from.
     """
-    meta = {"input_size": json.dumps([int(v) for v in input_size])}
+    meta = {"input_size": json.dumps(as_json(input_size))}
     for key in ("preprocess", "classes"):
         if (io or {}).get(key):
             meta[key] = json.dumps(io[key])
@@ -218,7 +227,7 @@ def _finish(path: Path, exporter: str, metadata: dict[str, str] | None = None) -
     dim = _batch_dim(proto)
     if dim is None or not dim.HasField("dim_param"):
         fixed = "missing" if dim is None else dim.dim_value
-        raise RuntimeError(f"the batch dimension of input {INPUT_NAME!r} came out fixed ({fixed})")
+        raise RuntimeError(f"the batch dimension of the first input came out fixed ({fixed})")
     onnx.helper.set_model_props(proto, {**{p.key: p.value for p in proto.metadata_props}, EXPORTER_KEY: exporter,
                                         **(metadata or {})})
     onnx.save(proto, str(path))
@@ -242,7 +251,7 @@ def select_providers() -> list[str]:
 
 def export_onnx(
     model: nn.Module,
-    example_input: torch.Tensor,
+    example_input: torch.Tensor | tuple[torch.Tensor, ...],
     path: str | Path,
     *,
     opset: int | None = None,
@@ -252,21 +261,20 @@ def export_onnx(
 
     Tries the dynamo exporter, then the TorchScript exporter. The model is exported in
     eval mode on CPU; its mode and device are restored afterwards. Input and output are
-    named ``input`` and ``output``.
+    named ``input`` and ``output`` (several inputs: ``input_0``, ``input_1``...).
     """
     path = Path(path)
     if path.is_dir():
         raise SurgeryError(f"{path} is a folder; give a file name such as {path / 'model.onnx'}")
     check_parent(path, "ONNX file")
-    if example_input.dim() == 0 or example_input.shape[0] == 0:
-        raise SurgeryError(
-            f"example input of shape {tuple(example_input.shape)} has no batch; give a (batch, C, H, W) tensor"
-        )
-    x = example_input.detach().to("cpu")
-    if x.shape[0] == 1:
-        # torch.export specialises sizes 0 and 1 to constants; with a batch-1 example some
-        # models (convnext) then fail to export with a dynamic batch at all.
-        x = x.expand(2, *x.shape[1:]).contiguous()
+    xs = as_tuple(example_input)
+    for t in xs:
+        if t.dim() == 0 or t.shape[0] == 0:
+            raise SurgeryError(f"example input of shape {tuple(t.shape)} has no batch; give a (batch, C, H, W) tensor")
+    # torch.export specialises sizes 0 and 1 to constants; with a batch-1 example some
+    # models (convnext) then fail to export with a dynamic batch at all.
+    xs = tuple(t.detach().to("cpu") if t.shape[0] > 1 else t.detach().to("cpu").expand(2, *t.shape[1:]).contiguous()
+               for t in xs)
     external = _weight_bytes(model) >= SINGLE_FILE_LIMIT
 
     was_training, device = model.training, _device(model)
@@ -281,7 +289,7 @@ def export_onnx(
                     leftover.unlink()
                 try:
                     with _quiet() as chatter:
-                        fn(model, x, tmp, opset, external)
+                        fn(model, xs, tmp, opset, external)
                         _finish(tmp, exporter, metadata)
                 except Exception as exc:  # noqa: BLE001 - any failure means: try the next exporter
                     log.info("%s exporter failed: %s", exporter, _short(exc, 2000))
@@ -314,8 +322,7 @@ def export_and_verify(model: nn.Module, path: Path, input_shape: tuple[int, ...]
     """Export to ``path`` and verify it (checker, parity, latency), one progress bar over the steps."""
     with Steps("onnx", 1 + len(VERIFY_STEPS)) as progress:
         with progress.step("export"):
-            export_onnx(model, torch.randn(1, *input_shape, generator=torch.Generator().manual_seed(0)), path,
-                        opset=opset, metadata=metadata)
+            export_onnx(model, random_inputs(input_shape, 1, 0), path, opset=opset, metadata=metadata)
         return verify_onnx(model, path, input_shape, progress=progress, **verify)
 
 
@@ -342,7 +349,7 @@ def _parity(
     atol: float = 0.0,
 ) -> dict[str, Any]:
     """Max |torch - onnxruntime| per batch size; a batch fails past atol + rtol * max|torch output|."""
-    input_name = session.get_inputs()[0].name
+    names = [i.name for i in session.get_inputs()]
     generator = torch.Generator().manual_seed(seed)
     device, was_training = _device(model), model.training
     abs_diff: dict[str, float] = {}
@@ -351,10 +358,13 @@ def _parity(
     model.eval()
     try:
         for batch in batch_sizes:
-            x = torch.randn((batch, *input_shape), generator=generator)
+            xs = as_tuple(random_inputs(input_shape, batch, generator))
+            if len(xs) != len(names):
+                raise ParityError(f"the ONNX file takes {len(names)} input(s) where the model takes {len(xs)}; "
+                                  "re-export the model")
             with torch.no_grad():
-                expected = [t.float().cpu().numpy() for t in output_tensors(model(x.to(device)))]
-            got = session.run(None, {input_name: x.numpy()})
+                expected = [t.float().cpu().numpy() for t in output_tensors(model(*(x.to(device) for x in xs)))]
+            got = session.run(None, {n: x.numpy() for n, x in zip(names, xs)})
             shapes = [e.shape for e in expected], [g.shape for g in got]
             if shapes[0] != shapes[1]:
                 raise ParityError(
@@ -428,8 +438,9 @@ def _ort_latency_ms(
     warmup: int,
     runs: int,
 ) -> float:
-    x = np.random.default_rng(0).standard_normal((batch_size, *input_shape), dtype=np.float32)
-    feed = {session.get_inputs()[0].name: x}
+    rng = np.random.default_rng(0)
+    feed = {i.name: rng.standard_normal((batch_size, *shape), dtype=np.float32)
+            for i, shape in zip(session.get_inputs(), sample_shapes(input_shape))}
     return _median_ms(lambda: session.run(None, feed), warmup, runs)
 
 
@@ -447,10 +458,10 @@ def onnx_latency_ms(
 
 def _torch_latency_ms(model: nn.Module, input_shape: Sequence[int], batch_size: int, warmup: int, runs: int) -> float:
     device, was_training = _device(model), model.training
-    x = torch.randn((batch_size, *input_shape), generator=torch.Generator().manual_seed(0)).to(device)
+    xs = tuple(x.to(device) for x in as_tuple(random_inputs(input_shape, batch_size, 0)))
 
     def step() -> None:
-        model(x)
+        model(*xs)
         if device.type == "cuda":  # kernels are asynchronous; time their completion
             torch.cuda.synchronize(device)
 

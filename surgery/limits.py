@@ -172,7 +172,7 @@ def check_num_classes(value: Any) -> None:
 class Estimate:
     """Bytes a run needs, by part (see the module docstring for the formula)."""
 
-    input_size: tuple[int, int, int]
+    input_size: tuple[tuple[int, ...], ...]  # each input's sample shape
     batch: int
     params: int = 0  # values of parameters + buffers of the source model
     param_bytes: int = 0
@@ -185,7 +185,7 @@ class Estimate:
         return (COPIES - 1) * self.param_bytes + max(self.peak_param_bytes, self.param_bytes) + self.activation_bytes
 
     def detail(self) -> str:
-        size = "x".join(map(str, self.input_size))
+        size = " + ".join("x".join(map(str, s)) for s in self.input_size)
         grown = self.peak_param_bytes > self.param_bytes
         params = (f"{COPIES - 1} copies of {_count(self.params)} params and buffers + 1 grown by the passes = "
                   if grown else f"{COPIES} copies of {_count(self.params)} params and buffers = ")
@@ -195,14 +195,21 @@ class Estimate:
         return "; ".join([text, *self.notes])
 
 
-def _sample_shape(size: Any) -> tuple[int, ...] | None:
-    """The shape of one input sample ((C, H, W) of an image, (F,) of a feature vector) as positive
-    ints, else None (a malformed size is someone else's error to raise)."""
+def _sample_shape(size: Any) -> tuple[tuple[int, ...], ...] | None:
+    """Each input's sample shape ((C, H, W) of an image, (F,) of a feature vector; several for a model of
+    several inputs) as positive ints, else None (a malformed size is someone else's error to raise)."""
+    from .inputs import sample_shapes
+
     try:
-        out = tuple(int(v) for v in size)
+        shapes = sample_shapes(size)
     except (TypeError, ValueError):
         return None
-    return out if 1 <= len(out) <= 5 and min(out) >= 1 else None
+    return shapes if shapes and all(1 <= len(s) <= 5 and min(s) >= 1 for s in shapes) else None
+
+
+def _values(shapes: tuple[tuple[int, ...], ...]) -> int:
+    """Input values of one sample, over every input."""
+    return sum(math.prod(s) for s in shapes)
 
 
 def _tensor_bytes(out: Any) -> int:
@@ -239,7 +246,7 @@ def _dtype(model: Any) -> Any:
     return torch.float32
 
 
-def activation_bytes_per_image(model: Any, input_size: Sequence[int]) -> int | None:
+def activation_bytes_per_image(model: Any, input_size: Sequence[Any]) -> int | None:
     """Input + every leaf module's output bytes in one meta forward of one image; None if it fails."""
     import torch
 
@@ -251,18 +258,18 @@ def activation_bytes_per_image(model: Any, input_size: Sequence[int]) -> int | N
 
     was_training = model.training
     handles = [m.register_forward_hook(hook) for m in model.modules() if next(m.children(), None) is None]
+    xs = tuple(torch.empty((1, *s), device="meta", dtype=_dtype(model)) for s in _sample_shape(input_size) or ())
     try:
-        x = torch.empty((1, *input_size), device="meta", dtype=_dtype(model))
         model.eval()  # batch norm at batch 1 in training mode refuses 1x1 maps
         with torch.no_grad():
-            model(x)
+            model(*xs)
     except Exception:  # noqa: BLE001 - data-dependent forwards cannot run on meta: the caller falls back
         return None
     finally:
         for h in handles:
             h.remove()
         model.train(was_training)
-    return total + x.numel() * x.element_size()
+    return total + sum(x.numel() * x.element_size() for x in xs)
 
 
 def _param_values_bytes(model: Any) -> tuple[int, int]:
@@ -373,7 +380,7 @@ def estimate(model: Any, input_size: Sequence[int], *, passes: Iterable[Any] = (
              data: bool = False, replay: bool = False) -> Estimate:
     """The estimate for ``model`` (on meta or real; a real one is copied to meta for the forward)."""
 
-    size = _sample_shape(input_size) or (3, 224, 224)
+    size = _sample_shape(input_size) or ((3, 224, 224),)
     est = Estimate(size, batch)
     est.params, est.param_bytes = _param_values_bytes(model)
     on_meta = all(t.device.type == "meta" for t in [*model.parameters(), *model.buffers()])
@@ -385,7 +392,7 @@ def estimate(model: Any, input_size: Sequence[int], *, passes: Iterable[Any] = (
             twin = None
     per_image = activation_bytes_per_image(twin, size) if twin is not None else None
     if per_image is None:
-        per_image = math.prod(size) * BYTES_PER_INPUT_VALUE
+        per_image = _values(size) * BYTES_PER_INPUT_VALUE
         est.notes.append(f"activations at {BYTES_PER_INPUT_VALUE} B per input value (no meta forward)")
     est.peak_param_bytes, est.activation_bytes = _pass_growth(
         twin if twin is not None else model, passes, est.param_bytes, per_image, batch, data, replay, est.notes)
@@ -397,8 +404,9 @@ def check_input(input_size: Any, what: str, batch: int = BATCH, hint: str = DEFA
     size = _sample_shape(input_size)
     if size is None:
         return
-    need = batch * math.prod(size) * 4
-    check_memory(need, what, f"the float32 input batch of {batch} x {'x'.join(map(str, size))} alone", hint)
+    need = batch * _values(size) * 4
+    shown = " + ".join("x".join(map(str, s)) for s in size)
+    check_memory(need, what, f"the float32 input batch of {batch} x {shown} alone", hint)
 
 
 def check_model(model: Any, input_size: Any, *, what: str, passes: Iterable[Any] = (), batch: int = BATCH,
@@ -432,13 +440,13 @@ def check_build(build: Callable[[], Any], input_size: Any, *, what: str,
     except SurgeryError:
         raise
     except Exception:  # noqa: BLE001 - some constructors need real data: estimate without the model
-        size = _sample_shape(input_size) or (3, 224, 224)
+        size = _sample_shape(input_size) or ((3, 224, 224),)
         est = Estimate(size, batch, notes=[
             "the model does not build on the meta device: params counted for the classifier only, "
             f"activations at {BYTES_PER_INPUT_VALUE} B per input value"])
         est.params = (num_classes or 0) * (FALLBACK_FEATURES + 1)
         est.param_bytes = est.peak_param_bytes = est.params * 4
-        est.activation_bytes = batch * math.prod(size) * BYTES_PER_INPUT_VALUE
+        est.activation_bytes = batch * _values(size) * BYTES_PER_INPUT_VALUE
         check_memory(est.total, what, est.detail(), hint)
         return est
     if input_size is None and default_size is not None:

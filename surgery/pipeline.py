@@ -16,6 +16,7 @@ from . import limits
 from . import passes as registry
 from .errors import SurgeryError
 from .graph import node_shape, propagate_shapes, trace
+from .inputs import as_json, as_tuple, batch_of, check_example_inputs, describe, normalize, random_inputs, size_of
 from .models import IO_KEYS, LoadedModel, build_source, io_fields, load_model
 from .progress import Steps
 from .recipe import RECIPE_FORMAT
@@ -25,9 +26,9 @@ from .validate import ValidationError, expect_dict
 TRACE_BATCH = 2
 
 
-def example_batch(input_size: Sequence[int], batch: int = TRACE_BATCH, seed: int = 0) -> torch.Tensor:
-    """A seeded random batch: tracing and shape propagation need concrete inputs."""
-    return torch.randn(batch, *input_size, generator=torch.Generator().manual_seed(seed))
+def example_batch(input_size: Sequence[Any], batch: int = TRACE_BATCH, seed: int = 0) -> Any:
+    """A seeded random batch (a tuple of them for a model of several inputs): tracing needs concrete inputs."""
+    return random_inputs(input_size, batch, seed)
 
 
 PassLike = str | tuple[str, Any] | Any
@@ -64,8 +65,8 @@ class SurgeryResult:
     original: nn.Module
 
     @property
-    def input_size(self) -> tuple[int, ...]:
-        return tuple(self.recipe["input_size"])
+    def input_size(self) -> Any:
+        return normalize(self.recipe["input_size"])
 
     def as_loaded(self) -> LoadedModel:
         """The rewritten model with its provenance: what train/finetune/apply accept to chain on."""
@@ -138,7 +139,7 @@ def _effect(before: dict, after: dict, rewrote: dict, sizes: tuple[tuple, tuple]
         "rewritten": rewrote,
     }
     if sizes[0] != sizes[1]:
-        effect["input_size"] = [list(sizes[0]), list(sizes[1])]
+        effect["input_size"] = [as_json(sizes[0]), as_json(sizes[1])]
     if not effect["changed"]:
         effect["reason"] = reason or "graph, weights and input size are as before"
     if target is not None:
@@ -192,10 +193,10 @@ def _run_pass(gm: fx.GraphModule, i: int, info: registry.PassInfo, cfg: Any, pla
               example: torch.Tensor, data: str | None, counts: dict[str, Any] | None,
               ) -> tuple[fx.GraphModule, dict[str, Any], torch.Tensor, dict[str, Any] | None]:
     """One pass on its copy of the graph: its record (and effect, with ``counts``), the example after it."""
-    size = tuple(example.shape[1:])
+    size = size_of(example)
     # A replay's steps are all the recipe's passes (rebuild): i is the index in recipe["passes"].
     where = f"$.passes[{i}].plan" if plan is not None else "plan"
-    ctx = registry.PassContext(example_inputs=(example,), plan=dict(plan or {}), replay=plan is not None,
+    ctx = registry.PassContext(example_inputs=as_tuple(example), plan=dict(plan or {}), replay=plan is not None,
                                input_size=size, data=data, where=where)
     previous = gm
     gm = info.run(gm, cfg, ctx)
@@ -203,13 +204,13 @@ def _run_pass(gm: fx.GraphModule, i: int, info: registry.PassInfo, cfg: Any, pla
         raise TypeError(f"pass {info.name} returned {type(gm).__name__}, not a GraphModule")
     record = {"pass": info.name, "config": registry.config_to_dict(cfg), "plan": ctx.plan, "notes": ctx.notes}
     if tuple(ctx.input_size) != size:
-        example = example_batch(ctx.input_size, batch=example.shape[0])
-        record["input_size"] = list(ctx.input_size)
+        example = example_batch(ctx.input_size, batch=batch_of(example))
+        record["input_size"] = as_json(ctx.input_size)
     gm.eval()
     propagate_shapes(gm, example)
     if counts is not None:
-        after = count_model(gm, tuple(example.shape[1:]))
-        record["effect"] = _effect(counts, after, rewritten(previous, gm), (size, tuple(example.shape[1:])),
+        after = count_model(gm, size_of(example))
+        record["effect"] = _effect(counts, after, rewritten(previous, gm), (size, size_of(example)),
                                    ctx.reason, ctx.target)
         counts = after
     return gm, record, example, counts
@@ -246,15 +247,14 @@ def apply(
             input_size = tuple(example_inputs.shape[1:])
         loaded = load_model(model, input_size=input_size, pretrained=pretrained)
     if example_inputs is not None:
-        if not isinstance(example_inputs, torch.Tensor) or example_inputs.dim() < 2 \
-                or not example_inputs.is_floating_point():
-            raise SurgeryError("example_inputs must be one float batch tensor (B, ...): (B, C, H, W) for an "
-                               "image model, (B, F) for an MLP, (B, T, F) for a sequence")
-        loaded.input_size = tuple(example_inputs.shape[1:])
+        check_example_inputs(example_inputs, SurgeryError)
+        if isinstance(example_inputs, list):
+            example_inputs = tuple(example_inputs)
+        loaded.input_size = size_of(example_inputs)
     # Before the example batch and the traced and pass copies exist: the passes' growth is known.
     names = " -> ".join(info.name for info, _ in steps)
     limits.check_model(loaded.model, loaded.input_size, passes=[cfg for _, cfg in steps], data=data is not None,
-                       what=f"{loaded.name} at {'x'.join(map(str, loaded.input_size))}"
+                       what=f"{loaded.name} at {describe(loaded.input_size)}"
                             + (f" with {names}" if names else ""))
     example = example_inputs if example_inputs is not None else example_batch(loaded.input_size)
     leaf_modules = list(loaded.source.get("leaf_modules", []))
@@ -264,7 +264,7 @@ def apply(
         if not isinstance(loaded.model, fx.GraphModule):
             leaf_modules = gm.meta["surgery"].leaf_fallbacks
         with progress.step("count"):
-            first = count_model(loaded.model, tuple(loaded.input_size))
+            first = count_model(loaded.model, loaded.input_size)
         gm, records, final_example = _run_passes(gm, [(info, cfg, None) for info, cfg in steps], example, data,
                                                  counts=first, progress=progress)
         measured = {}
@@ -272,16 +272,16 @@ def apply(
             # The totals are the first and last pass boundaries' counts: one counter, counted once.
             last = records[-1]["effect"]["after"] if records else first
             with progress.step("latency and drift" if latency else "drift"):
-                measured = compare_models(loaded.model, gm, loaded.input_size, tuple(final_example.shape[1:]),
+                measured = compare_models(loaded.model, gm, loaded.input_size, size_of(final_example),
                                           latency=latency, counts=(first, last))
     source = dict(loaded.source)
-    source.setdefault("input_size", list(loaded.input_size))  # the size the source is traced at
+    source.setdefault("input_size", as_json(loaded.input_size))  # the size the source is traced at
     if leaf_modules:
         source["leaf_modules"] = list(leaf_modules)
     recipe = {
         "format": RECIPE_FORMAT,
         "source": source,
-        "input_size": list(final_example.shape[1:]),
+        "input_size": as_json(size_of(final_example)),
         "passes": loaded.passes + [{k: v for k, v in r.items() if k not in ("notes", "effect")} for r in records],
         **io_fields(loaded.io, _output_width(gm)),  # a new head (head pass) drops the old class names
     }

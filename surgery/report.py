@@ -16,6 +16,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import FlopCounterMode, flop_registry, sdpa_flop, shape_wrapper
 
 from .graph import compare_outputs, output_tensors
+from .inputs import as_json, as_tuple, normalize, random_inputs
 from .progress import bar
 
 LATENCY_BATCHES = (1, 8)
@@ -60,7 +61,7 @@ def _no_param_grad(model: nn.Module):
 def _count(model: nn.Module, example_input: torch.Tensor) -> FlopCounterMode:
     counter = FlopCounterMode(display=False, custom_mapping=_CPU_MAPPING)
     with _no_param_grad(model), torch.no_grad(), counter:
-        model(example_input)
+        model(*as_tuple(example_input))
     return counter
 
 
@@ -98,7 +99,7 @@ def _count_by_modules(model: nn.Module, example_input: torch.Tensor) -> dict[str
                if isinstance(m, (nn.modules.conv._ConvNd, nn.Linear))]
     try:
         with _no_param_grad(model), torch.no_grad():
-            model(example_input)
+            model(*as_tuple(example_input))
     finally:
         for h in handles:
             h.remove()
@@ -124,7 +125,7 @@ def flops_by_node(gm: fx.GraphModule, example_input: torch.Tensor) -> dict[str, 
     was_training = gm.training
     try:
         with _no_param_grad(gm), torch.no_grad(), _OpCounter() as ops:
-            _PerNode(gm.eval()).run(example_input)
+            _PerNode(gm.eval()).run(*as_tuple(example_input))
     finally:
         gm.train(was_training)
     return counts
@@ -146,7 +147,7 @@ def measure_flops(model: nn.Module, example_input: torch.Tensor) -> dict[str, An
         error = f"FlopCounterMode failed ({type(exc).__name__}: {str(exc)[:120]})"
         try:
             with _no_param_grad(model), torch.no_grad(), _OpCounter() as ops:
-                model(example_input)
+                model(*as_tuple(example_input))
             flops, method = ops.flops, "per-op formulas"
         except Exception:
             flops, method = sum(_count_by_modules(model, example_input).values()), "conv/linear modules"
@@ -202,7 +203,7 @@ def count_model(model: nn.Module, input_size: tuple[int, ...], *, seed: int = 0)
     where FlopCounterMode failed and a fallback counted (``flops_method`` says which).
     """
     was_training = model.training
-    x1 = torch.randn(1, *input_size, generator=torch.Generator().manual_seed(seed))
+    x1 = random_inputs(input_size, 1, seed)
     try:
         f = measure_flops(model.eval(), x1)
     finally:
@@ -258,17 +259,17 @@ def compare_latency(original: nn.Module, rewritten: nn.Module, input_size: tuple
     try:
         with torch.inference_mode():
             for b in batches:
-                xs = (torch.randn(b, *input_size, generator=g), torch.randn(b, *new_input_size, generator=g))
+                xs = (as_tuple(random_inputs(input_size, b, g)), as_tuple(random_inputs(new_input_size, b, g)))
                 models = (original.eval(), rewritten.eval())
                 for m, x in zip(models, xs):  # warm-up: allocator, caches, lazy init
-                    m(x)
-                    m(x)
+                    m(*x)
+                    m(*x)
                 times: tuple[list[float], list[float]] = ([], [])
                 deadline = time.perf_counter() + max_seconds
                 for r in bar(range(runs), f"latency b={b}", unit="run"):
                     for i in ((0, 1) if r % 2 == 0 else (1, 0)):
                         start = time.perf_counter()
-                        models[i](xs[i])
+                        models[i](*xs[i])
                         times[i].append((time.perf_counter() - start) * 1e3)
                     if time.perf_counter() > deadline and r + 1 >= 5:
                         break
@@ -288,22 +289,23 @@ def compare_models(original: nn.Module, rewritten: nn.Module, input_size: tuple[
     (the pipeline's pass effects), so that the totals are the same numbers, counted once.
     Drift needs one input for both models: it is None when a pass changed the input size.
     """
-    new_input_size = tuple(new_input_size or input_size)
+    input_size = normalize(input_size)
+    new_input_size = normalize(new_input_size or input_size)
     drift = None
-    if new_input_size == tuple(input_size):
-        x = torch.randn(4, *input_size, generator=torch.Generator().manual_seed(seed))
+    if new_input_size == input_size:
+        x = as_tuple(random_inputs(input_size, 4, seed))
         with torch.no_grad():
-            drift = output_drift(original.eval()(x), rewritten.eval()(x))
+            drift = output_drift(original.eval()(*x), rewritten.eval()(*x))
     before, after = counts if counts is not None else (None, None)
     report = {
-        "input_size": list(input_size),
-        "new_input_size": list(new_input_size),
+        "input_size": as_json(input_size),
+        "new_input_size": as_json(new_input_size),
         "before": dict(before) if before is not None else count_model(original.eval(), input_size, seed=seed),
         "after": dict(after) if after is not None else count_model(rewritten.eval(), new_input_size, seed=seed),
         "drift": drift,
     }
     if latency:
-        lat = compare_latency(original, rewritten, tuple(input_size), new_input_size, seed=seed)
+        lat = compare_latency(original, rewritten, input_size, new_input_size, seed=seed)
         report["latency"] = lat
         for side in ("before", "after"):  # the medians, where readers of earlier reports look
             report[side]["latency_ms"] = {b: v[side]["median_ms"] for b, v in lat["batches"].items()}

@@ -29,6 +29,7 @@ from ..entropy import MAX_NATS
 from ..errors import SurgeryError
 from ..graph import compare_outputs, propagate_shapes
 from ..progress import enabled as progress_enabled
+from ..inputs import first_rows
 from ..report import flops_by_node
 from ..validate import (
     MAX_CHANNELS,
@@ -252,7 +253,7 @@ def _new_size(size: int, factor: float) -> int:
 
 
 def _widen(gm: fx.GraphModule, blocks: list[Block], cfg: EbcleConfig, ctx: PassContext,
-           example: torch.Tensor) -> fx.GraphModule:
+           example: tuple[torch.Tensor, ...]) -> fx.GraphModule:
     from ..channels import build
 
     propagate_shapes(gm, example)
@@ -279,10 +280,10 @@ def _widen(gm: fx.GraphModule, blocks: list[Block], cfg: EbcleConfig, ctx: PassC
     before = sum(p.numel() for p in gm.parameters())
     gm.eval()
     with torch.no_grad():
-        ref = gm(example)
+        ref = gm(*example)
     wide = grow(copy.deepcopy(gm), cg, sizes, cfg.seed)
     with torch.no_grad():
-        diff = compare_outputs(ref, wide(example))
+        diff = compare_outputs(ref, wide(*example))
     if not diff <= 1e-4 * max(1.0, float(ref.abs().max())):
         raise RuntimeError(f"widening changed the output by {diff:.3g}; this is a bug in ebcle.grow")
     ctx.plan["widen"] = {g.anchor: [g.size, sizes[g.id]] for g in groups}
@@ -381,7 +382,7 @@ def ebcle(gm: fx.GraphModule, cfg: EbcleConfig, ctx: PassContext) -> fx.GraphMod
         return gm
     stages = structure.stages
     counts = structure.counts
-    example = ctx.example_inputs[0]
+    example = tuple(ctx.example_inputs)
     scores: dict[str, dict[str, float]] = {}
     if ctx.replay:
         removed = _check_plan(ctx.plan, structure, ctx.where)
@@ -439,10 +440,10 @@ def ebcle(gm: fx.GraphModule, cfg: EbcleConfig, ctx: PassContext) -> fx.GraphMod
                  f"{'+'.join(map(str, keep))} of {'+'.join(map(str, counts))}; select={select}")
     with torch.no_grad():
         was_training = gm.training
-        before = gm.eval()(example[:1])
+        before = gm.eval()(*first_rows(example))
         gm.train(was_training)
     # The compute the removed blocks hold, by the report's formulas: what the counter must see leave.
-    per_node = flops_by_node(gm, example[:1]) if removed else {}
+    per_node = flops_by_node(gm, first_rows(example)) if removed else {}
     total = sum(per_node.values())
     held = sum(per_node.get(name, 0) for b in removed for name in b.span)
     gm = collapse(gm, removed)
@@ -458,7 +459,7 @@ def ebcle(gm: fx.GraphModule, cfg: EbcleConfig, ctx: PassContext) -> fx.GraphMod
         gm = _widen(gm, left, cfg, ctx, example)
     with torch.no_grad():
         was_training = gm.training
-        after = gm.eval()(example[:1])
+        after = gm.eval()(*first_rows(example))
         gm.train(was_training)
     if compare_outputs(before, after) == math.inf:
         raise RuntimeError("ebcle changed the model's output shapes; this is a bug in surgery.blocks")

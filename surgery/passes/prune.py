@@ -25,6 +25,7 @@ from ..channels import ChannelGraph, Group, Member, build, einsum_parts, format_
 from ..data import Calibration, load_calibration
 from ..errors import SurgeryError
 from ..graph import finalize, get_module, node_shape
+from ..inputs import size_of
 from ..progress import bar
 from ..report import count_model
 from ..validate import MAX_CHANNELS, ValidationError, at, expect_dict, expect_int, expect_number, expect_ranges
@@ -443,7 +444,7 @@ def _flops_search(gm: fx.GraphModule, cg: ChannelGraph, choices: list[_Choice], 
     their ratio and the search runs again. Sets ``ctx.target``, with the cause of a shortfall.
     """
     target = cfg.flops
-    size = tuple(ctx.example_inputs[0].shape[1:])
+    size = size_of(ctx.example_inputs if len(ctx.example_inputs) > 1 else ctx.example_inputs[0])
     base_est = estimate_flops(gm, cg, {})
     base = count_model(gm, size)["flops"]
 
@@ -581,7 +582,7 @@ def prune(gm: fx.GraphModule, cfg: PruneConfig, ctx: PassContext) -> fx.GraphMod
             if not spec:
                 raise SurgeryError(f"prune:{' and '.join(needs)} needs calibration images: add data=digits "
                                    "or data=FOLDER to the pass")
-            calib = load_calibration(spec, ctx.example_inputs[0], cfg.calib, seed=cfg.seed, who="prune")
+            calib = load_calibration(spec, ctx.example_inputs, cfg.calib, seed=cfg.seed, who="prune")
         scores, fallback = importance(gm, cg, prunable, cfg.importance, cfg.seed, calib)
         choices = _choices(prunable, scores, cfg)
         order, owner = _global_order(choices) if choices and cfg.scope == "global" else (None, None)

@@ -492,8 +492,8 @@ def _check_plan(plan: dict, gm: fx.GraphModule, size: tuple[int, ...], source_si
 @register("rescale", RescaleConfig)
 def rescale(gm: fx.GraphModule, cfg: RescaleConfig, ctx: PassContext) -> fx.GraphModule:
     """Rescale every conv kernel by its feature map's scale, and the input by ``factor``."""
-    (example,) = ctx.example_inputs[:1]
-    if not isinstance(example, torch.Tensor) or example.dim() != 4:
+    example = ctx.example_inputs[0]
+    if len(ctx.example_inputs) != 1 or not isinstance(example, torch.Tensor) or example.dim() != 4:
         raise SurgeryError("rescale needs one image batch (B, C, H, W) as the example input")
     propagate_shapes(gm, example)  # the shapes at the current size, the reference of every ratio
     size = tuple(ctx.input_size) or tuple(example.shape[1:])
