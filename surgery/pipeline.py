@@ -20,7 +20,7 @@ from .inputs import as_json, as_tuple, batch_of, check_example_inputs, describe,
 from .models import IO_KEYS, LoadedModel, build_source, io_fields, load_model
 from .progress import Steps
 from .recipe import RECIPE_FORMAT
-from .report import compare_models, count_model
+from .report import DRIFT_BATCH, LATENCY_BATCHES, compare_models, count_model
 from .validate import ValidationError, expect_dict
 
 TRACE_BATCH = 2
@@ -238,6 +238,14 @@ def apply(
     ``pretrained``: a model name loads the library's pretrained weights (see :func:`load_model`).
     """
     steps = resolve_passes(passes)  # bad pass specs fail before any slow work
+    if example_inputs is not None:
+        check_example_inputs(example_inputs, SurgeryError)
+        if isinstance(example_inputs, list):
+            example_inputs = tuple(example_inputs)
+    # The largest batch this call runs, for the memory checks: the latency batches, else the drift's,
+    # the example's or the trace's.
+    batch = max(LATENCY_BATCHES) if measure and latency else max(
+        DRIFT_BATCH if measure else 0, batch_of(example_inputs) if example_inputs is not None else TRACE_BATCH)
     if isinstance(model, LoadedModel):
         loaded = model
     else:
@@ -245,15 +253,13 @@ def apply(
                 and example_inputs.dim() == 4:
             # A module built for this size (a ViT at img_size=64): the recipe's source must say so.
             input_size = tuple(example_inputs.shape[1:])
-        loaded = load_model(model, input_size=input_size, pretrained=pretrained)
+        loaded = load_model(model, input_size=input_size, pretrained=pretrained, batch=batch)
     if example_inputs is not None:
-        check_example_inputs(example_inputs, SurgeryError)
-        if isinstance(example_inputs, list):
-            example_inputs = tuple(example_inputs)
         loaded.input_size = size_of(example_inputs)
     # Before the example batch and the traced and pass copies exist: the passes' growth is known.
     names = " -> ".join(info.name for info, _ in steps)
     limits.check_model(loaded.model, loaded.input_size, passes=[cfg for _, cfg in steps], data=data is not None,
+                       batch=batch,
                        what=f"{loaded.name} at {describe(loaded.input_size)}"
                             + (f" with {names}" if names else ""))
     example = example_inputs if example_inputs is not None else example_batch(loaded.input_size)

@@ -20,6 +20,7 @@ from .inputs import as_json, as_tuple, normalize, random_inputs
 from .progress import bar
 
 LATENCY_BATCHES = (1, 8)
+DRIFT_BATCH = 4  # the inputs both models see for the output drift
 
 
 def count_params(model: nn.Module) -> int:
@@ -293,7 +294,7 @@ def compare_models(original: nn.Module, rewritten: nn.Module, input_size: tuple[
     new_input_size = normalize(new_input_size or input_size)
     drift = None
     if new_input_size == input_size:
-        x = as_tuple(random_inputs(input_size, 4, seed))
+        x = as_tuple(random_inputs(input_size, DRIFT_BATCH, seed))
         with torch.no_grad():
             drift = output_drift(original.eval()(*x), rewritten.eval()(*x))
     before, after = counts if counts is not None else (None, None)

@@ -202,3 +202,19 @@ def test_pass_growth():
     vit = meta("vit_tiny_patch16_224")
     low, high = (limits.estimate(vit, (3, 224, 224), passes=[BilinearConfig(rank=r)]) for r in (1, 256))
     assert low.peak_param_bytes == low.param_bytes < high.peak_param_bytes
+
+
+def test_apply_checks_memory_at_the_batch_it_runs():
+    """Latency runs batch 8; without it apply runs the drift's 4 (or the trace's 2): the check follows."""
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.ReLU())
+    size = (3, 512, 512)
+    needs = {b: limits.estimate(model, size, batch=b).total for b in (2, 4, 8)}
+    assert needs[2] < needs[4] < needs[8]
+    limits.set_max_memory((needs[4] + needs[8]) // 2)  # batch 4 fits, batch 8 does not
+    with pytest.raises(SurgeryError, match="activations of batch 8"):
+        surgery.apply(model, "fuse", input_size=size, latency=True)
+    surgery.apply(model, "fuse", input_size=size, latency=False)  # drift at batch 4: fits
+    limits.set_max_memory((needs[2] + needs[4]) // 2)
+    with pytest.raises(SurgeryError, match="activations of batch 4"):
+        surgery.apply(model, "fuse", input_size=size, latency=False)
+    surgery.apply(model, "fuse", input_size=size, measure=False)  # the trace's batch 2 only
