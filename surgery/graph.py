@@ -44,6 +44,15 @@ def timm_notrace_blocks() -> set[type]:
     return {t for t in tl.get_notrace_modules() if _is_timm_block(t)}
 
 
+def block_names(model: nn.Module, types: set[type]) -> list[str]:
+    """Names of the submodules of ``model`` of one of ``types``, outermost only."""
+    names: list[str] = []
+    for name, m in model.named_modules():
+        if type(m) in types and not any(name.startswith(n + ".") for n in names):
+            names.append(name)
+    return names
+
+
 def _is_impure(node: fx.Node) -> bool:
     """Dead-code elimination must keep in-place methods (``out.mul_(gain)``) whose result goes unused."""
     if node.op == "call_method" and node.target.endswith("_") and not node.target.endswith("__"):
@@ -387,6 +396,9 @@ def trace(
     for leaf_blocks in ([set(), blocks] if blocks else [set()]):
         try:
             gm = _trace_checked(model, inputs, eager_out, concrete, set(leaf_modules), leaf_blocks, verify)
+            if leaf_blocks:  # by name, so that a replay (verify=False) traces the same graph
+                info = gm.meta["surgery"]
+                info.leaf_fallbacks = sorted(set(info.leaf_fallbacks) | set(block_names(model, leaf_blocks)))
             break
         except Exception as exc:  # noqa: BLE001 - the first try's failures all mean: keep timm's leaves
             if leaf_blocks == blocks:

@@ -15,7 +15,7 @@ from torch import fx, nn
 from . import limits
 from . import passes as registry
 from .errors import SurgeryError
-from .graph import node_shape, propagate_shapes, trace
+from .graph import block_names, node_shape, propagate_shapes, timm_notrace_blocks, trace
 from .inputs import as_json, as_tuple, batch_of, check_example_inputs, describe, normalize, random_inputs, size_of
 from .models import IO_KEYS, LoadedModel, build_source, io_fields, load_model
 from .progress import Steps
@@ -264,11 +264,15 @@ def apply(
                             + (f" with {names}" if names else ""))
     example = example_inputs if example_inputs is not None else example_batch(loaded.input_size)
     leaf_modules = list(loaded.source.get("leaf_modules", []))
+    if any(info.name == "rescale" for info, _ in steps) and not isinstance(loaded.model, fx.GraphModule):
+        # Blocks timm marks untraceable compute from the input's shape (windows, padding); traced through,
+        # those sizes are fixed at the example's. As modules they follow the new size rescale gives.
+        leaf_modules += block_names(loaded.model, timm_notrace_blocks())
     with Steps(f"apply {loaded.name}", 2 + len(steps) + bool(measure)) as progress:
         with progress.step("trace"):
             gm = _to_graph(loaded, example, leaf_modules)
         if not isinstance(loaded.model, fx.GraphModule):
-            leaf_modules = gm.meta["surgery"].leaf_fallbacks
+            leaf_modules = sorted(set(leaf_modules) | set(gm.meta["surgery"].leaf_fallbacks))
         with progress.step("count"):
             first = count_model(loaded.model, loaded.input_size)
         gm, records, final_example = _run_passes(gm, [(info, cfg, None) for info, cfg in steps], example, data,

@@ -274,3 +274,24 @@ def test_a_model_that_resizes_its_input_back_is_refused_naming_the_op():
                            latency=False)
     target = result.report["passes"][0]["effect"]["target"]
     assert target["met"] and target["reached_flops"] < 0.6  # the conv's compute fell with the pixels
+
+
+def test_timm_blocks_that_compute_from_shapes_stay_modules_under_rescale(tmp_path):
+    """Traced through (prune's default), MobileViT's blocks fix their sizes at the example's; with rescale
+    they stay modules, recorded by name, and follow the new size, also after save and load."""
+    torch.manual_seed(0)
+    model = timm.create_model("mobilevit_xxs", num_classes=5).eval()
+    result = surgery.apply(model, ["rescale:factor=0.5"], example_inputs=torch.randn(2, 3, 128, 128), measure=False)
+    assert result.recipe["input_size"] == [3, 64, 64]
+    kinds = [type(result.model.get_submodule(n.target)).__name__ for n in result.model.graph.nodes
+             if n.op == "call_module"]
+    assert kinds.count("MobileVitBlock") == 3
+    assert len(result.recipe["source"]["leaf_modules"]) == 3
+    x = torch.randn(3, 3, 64, 64)
+    result.save(tmp_path / "a")
+    again = surgery.load(tmp_path / "a", base_model=timm.create_model("mobilevit_xxs", num_classes=5))
+    with torch.no_grad():
+        assert torch.equal(result.model(x), again(x))
+    plain = surgery.trace(model, torch.randn(2, 3, 128, 128))  # without rescale: traced through
+    assert not any(n.op == "call_module" and type(plain.get_submodule(n.target)).__name__ == "MobileVitBlock"
+                   for n in plain.graph.nodes)
