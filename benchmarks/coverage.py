@@ -364,7 +364,7 @@ def run_worker(name: str, result_path: Path, onnx: bool, threads: int, only: lis
         torch.set_num_threads(threads)
     import surgery
     from surgery import passes as registry
-    from surgery.graph import compare_outputs
+    from surgery.graph import block_names, compare_outputs, timm_notrace_blocks
     from surgery.models import LoadedModel
     from surgery.errors import SurgeryError
     from surgery.pipeline import example_batch
@@ -430,7 +430,11 @@ def run_worker(name: str, result_path: Path, onnx: bool, threads: int, only: lis
             continue
         try:
             subject: Any = gm
-            if pass_name in deep:
+            if pass_name == "rescale" and block_names(model, timm_notrace_blocks()):
+                # as `surgery apply MODEL --pass rescale` does: timm's blocks that compute sizes from
+                # the input's shape stay modules (traced through, they are fixed at this size)
+                subject = loaded
+            elif pass_name in deep:
                 # the traced graph with the timm source, so that the saved recipe rebuilds by name
                 fallbacks = list(gm.meta["surgery"].leaf_fallbacks)
                 subject = LoadedModel(gm, size,
