@@ -364,9 +364,9 @@ def run_worker(name: str, result_path: Path, onnx: bool, threads: int, only: lis
         torch.set_num_threads(threads)
     import surgery
     from surgery import passes as registry
+    from surgery.errors import SurgeryError
     from surgery.graph import block_names, compare_outputs, timm_notrace_blocks
     from surgery.models import LoadedModel
-    from surgery.errors import SurgeryError
     from surgery.pipeline import example_batch
     from surgery.report import count_params
 
@@ -924,7 +924,6 @@ def main(argv: list[str] | None = None) -> int:
         print(f"wrote {md_path}")
         return 0
 
-    import timm
     from tqdm import tqdm
 
     from surgery import passes as registry

@@ -36,8 +36,8 @@ import torch
 from torch import fx, nn
 
 from .errors import SurgeryError
-from .progress import bar
 from .graph import finalize, node_shape, output_tensors
+from .progress import bar
 
 _ADD_FUNCTIONS = {operator.add, operator.iadd, torch.add}
 _ADD_METHODS = {"add", "add_"}

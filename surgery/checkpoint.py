@@ -31,7 +31,6 @@ from torch import nn
 from .data import ImageData
 from .errors import SurgeryError
 from .safeio import replace_dir, sha256_file
-from .weights import fill_ties, save_weights
 from .validate import (
     MAX_ITEMS,
     ValidationError,
@@ -44,6 +43,7 @@ from .validate import (
     expect_str,
     parse_json,
 )
+from .weights import fill_ties, save_weights
 
 log = logging.getLogger(__name__)
 

@@ -8,12 +8,12 @@ it as a list of ints or a list of lists.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any, Union
+from typing import Any
 
 import torch
 
 Shape = tuple[int, ...]
-InputSize = Union[Shape, tuple[Shape, ...]]
+InputSize = Shape | tuple[Shape, ...]
 
 
 def is_several(input_size: Any) -> bool:

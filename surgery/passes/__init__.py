@@ -31,7 +31,8 @@ class PassContext:
     plan: dict[str, Any] = field(default_factory=dict)
     replay: bool = False  # True when load() rebuilds: follow ``plan``, decide nothing anew
     notes: list[str] = field(default_factory=list)  # one-line facts for the report
-    input_size: tuple[int, ...] = ()  # one sample's shape the graph takes ((C, H, W), (F,)...); a pass that changes it sets it here
+    # One sample's shape ((C, H, W), (F,)...; a tuple of them for several inputs); a pass that changes it sets it.
+    input_size: tuple = ()
     data: str | None = None  # the run's --data (digits or a folder): calibration for passes that want it
     where: str = "plan"  # JSON path of ``plan`` in the recipe (``$.passes[2].plan``), for replay's errors
     # Why the pass left the model as it was (nothing to fold, no block to collapse): the report's

@@ -28,8 +28,8 @@ from ..data import load_calibration
 from ..entropy import MAX_NATS
 from ..errors import SurgeryError
 from ..graph import compare_outputs, propagate_shapes
-from ..progress import enabled as progress_enabled
 from ..inputs import first_rows
+from ..progress import enabled as progress_enabled
 from ..report import flops_by_node
 from ..validate import (
     MAX_CHANNELS,
