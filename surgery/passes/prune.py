@@ -221,67 +221,108 @@ def _rows(module: torch.nn.Module, x: torch.Tensor, positions: int, gen: torch.G
     return patches.permute(0, 3, 1, 2).reshape(len(pick), c * kh * kw).float()
 
 
-COMPENSATE_POSITIONS = 512  # sampled rows (pixels, tokens) per batch and layer for the statistics
+COMPENSATE_ROWS = 2048  # sampled rows (pixels, tokens) per layer over all calibration batches
 
 
-class _Captured(Exception):
-    """Raised by a hook once it has the input it wanted: the rest of the forward is not needed."""
+def _positions(calib: Calibration) -> int:
+    return max(64, -(-COMPENSATE_ROWS // max(1, len(calib.batches))))
 
 
-def _layer_input(model: fx.GraphModule, name: str, images: torch.Tensor, seed: int) -> torch.Tensor:
-    """Sampled rows of the input of layer ``name`` (plus a constant 1 when it has a bias)."""
-    out: list[torch.Tensor] = []
+def _with_bias_column(module: torch.nn.Module, rows: torch.Tensor) -> torch.Tensor:
+    if getattr(module, "bias", None) is None:
+        return rows
+    return torch.cat([rows, torch.ones(rows.shape[0], 1, dtype=rows.dtype)], 1)
 
-    def hook(module, inputs):
-        r = _rows(module, inputs[0].detach(), COMPENSATE_POSITIONS, torch.Generator().manual_seed(seed))
-        if getattr(module, "bias", None) is not None:
-            r = torch.cat([r, torch.ones(r.shape[0], 1, dtype=r.dtype)], 1)
-        out.append(r)
-        raise _Captured
 
-    handle = model.get_submodule(name).register_forward_pre_hook(hook)
+def _kept_weight(module: torch.nn.Module, out_mask: np.ndarray) -> torch.Tensor:
+    """The kept output rows of a conv/linear weight, flattened, with the bias as a last column."""
+    rows = torch.as_tensor(np.flatnonzero(out_mask))
+    w = module.weight.detach().double()[rows].reshape(len(rows), -1)
+    if module.bias is not None:
+        w = torch.cat([w, module.bias.detach().double()[rows][:, None]], 1)
+    return w
+
+
+def _original_outputs(original: fx.GraphModule, consumers: dict[str, np.ndarray],
+                      calib: Calibration) -> dict[str, list[torch.Tensor]]:
+    """Each consumer's kept outputs in the original model at sampled rows, per calibration batch."""
+    out: dict[str, list[torch.Tensor]] = {n: [] for n in consumers}
+    weights = {n: _kept_weight(original.get_submodule(n), mask).float() for n, mask in consumers.items()}
+    batch, positions = [0], _positions(calib)
+
+    def hook_for(name: str):
+        def hook(module, inputs):
+            gen = torch.Generator().manual_seed(batch[0])
+            x = _with_bias_column(module, _rows(module, inputs[0].detach(), positions, gen))
+            out[name].append(x @ weights[name].T)
+        return hook
+
+    handles = [original.get_submodule(n).register_forward_pre_hook(hook_for(n)) for n in consumers]
     try:
         with torch.no_grad():
-            model(images)
-    except _Captured:
-        pass
+            for i, (images, _) in enumerate(calib.batches):
+                batch[0] = i
+                original(images)
     finally:
-        handle.remove()
-    return out[0]
+        for h in handles:
+            h.remove()
+    return out
+
+
+def _refit(new: torch.nn.Module, gram: torch.Tensor, cross: torch.Tensor, ridge: float) -> None:
+    """W' = (sum y x'^T) (G + ridge * mean(diag G) I)^-1, by Cholesky (a bias is a constant input)."""
+    gram.diagonal().add_(ridge * gram.diagonal().mean().clamp_min(1e-12))
+    factor = torch.linalg.cholesky(gram)
+    fitted = torch.cholesky_solve(cross.T, factor).T
+    with torch.no_grad():
+        if new.bias is not None:
+            new.bias.copy_(fitted[:, -1].to(new.bias.dtype))
+            fitted = fitted[:, :-1]
+        new.weight.copy_(fitted.reshape(new.weight.shape).to(new.weight.dtype))
 
 
 def compensate(original: fx.GraphModule, pruned: fx.GraphModule, consumers: dict[str, np.ndarray],
                calib: Calibration, ridge: float) -> int:
     """Refit each consumer's remaining weights: least squares from its pruned input to its old output.
 
-    Layers are refitted in graph order, each on the input that the already refitted layers
-    before it produce. With x the layer's input in the original model and x' the (shorter)
-    input in the pruned one, W' = W C (G + ridge * mean(diag G) I)^-1, C = sum x x'^T,
-    G = sum x' x'^T over the calibration batches (a bias is a constant input). Returns the
-    number of layers refitted.
+    One forward of the original model records each consumer's kept outputs y = W x at sampled
+    rows; then the pruned graph runs node by node over all calibration batches at once, so that
+    each consumer, reached in graph order, sees the input x' that the already refitted layers
+    before it produce: W' = (sum y x'^T) (G + ridge * mean(diag G) I)^-1, G = sum x' x'^T. Two
+    forwards in all, whatever the number of layers. Returns the number of layers refitted.
     """
     modes = original.training, pruned.training
     original.eval()
     pruned.eval()
+    positions = _positions(calib)
     try:
-        for name, out_mask in bar(consumers.items(), "prune: compensate", total=len(consumers), unit="layer"):
-            gram = cross = None
-            for i, (images, _) in enumerate(calib.batches):
-                x, xp = _layer_input(original, name, images, i), _layer_input(pruned, name, images, i)
-                g, c = (xp.T @ xp).double(), (x.T @ xp).double()  # float32 products, float64 sums
-                gram, cross = (g, c) if gram is None else (gram + g, cross + c)
-            old, new = original.get_submodule(name), pruned.get_submodule(name)
-            rows = torch.as_tensor(np.flatnonzero(out_mask))
-            w = old.weight.detach().double()[rows].reshape(len(rows), -1)
-            if old.bias is not None:
-                w = torch.cat([w, old.bias.detach().double()[rows][:, None]], 1)
-            reg = ridge * gram.diagonal().mean().clamp_min(1e-12) * torch.eye(gram.shape[0], dtype=gram.dtype)
-            fitted = torch.linalg.solve(gram + reg, (w @ cross).T).T
-            with torch.no_grad():
-                if new.bias is not None:
-                    new.bias.copy_(fitted[:, -1].to(new.bias.dtype))
-                    fitted = fitted[:, :-1]
-                new.weight.copy_(fitted.reshape(new.weight.shape).to(new.weight.dtype))
+        targets = _original_outputs(original, consumers, calib)
+        # Each batch's values, freed after their last use.
+        last_use: dict[fx.Node, fx.Node] = {}
+        for node in pruned.graph.nodes:
+            for arg in node.all_input_nodes:
+                last_use[arg] = node
+        runners = [fx.Interpreter(pruned, garbage_collect_values=False) for _ in calib.batches]
+        for runner, (images, _) in zip(runners, calib.batches):
+            runner.args_iter = iter([images])
+        with torch.no_grad():
+            for node in bar(list(pruned.graph.nodes), "prune: compensate", unit="node"):
+                if node.op == "output":
+                    break
+                if node.op == "call_module" and node.target in consumers:
+                    gram = cross = None
+                    module = pruned.get_submodule(node.target)
+                    for i, runner in enumerate(runners):
+                        xp = _with_bias_column(module, _rows(module, runner.env[node.args[0]], positions,
+                                                             torch.Generator().manual_seed(i)))
+                        g, c = (xp.T @ xp).double(), (targets[node.target][i].T @ xp).double()
+                        gram, cross = (g, c) if gram is None else (gram + g, cross + c)
+                    _refit(module, gram, cross, ridge)
+                for runner in runners:
+                    runner.env[node] = runner.run_node(node)
+                    for arg in node.all_input_nodes:
+                        if last_use.get(arg) is node:
+                            del runner.env[arg]
     finally:
         original.train(modes[0])
         pruned.train(modes[1])
