@@ -10,6 +10,7 @@ import copy
 import inspect
 import io
 import logging
+import operator
 import warnings
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -22,6 +23,7 @@ from torch.fx.passes.shape_prop import ShapeProp
 
 from .decompose import decompose
 from .errors import SurgeryError
+from .inputs import as_tuple
 
 log = logging.getLogger(__name__)
 
@@ -128,7 +130,7 @@ class SurgeryTracer(fx.Tracer):
                 if n.op == "placeholder":
                     self._values[n] = self._inputs.pop(0) if self._inputs else self._concrete.get(n.target)
                 elif n.op == "get_attr":
-                    self._values[n] = fetch_attr(self.root, n.target)
+                    self._values[n] = operator.attrgetter(n.target)(self.root)
                 elif n.op == "call_function":
                     self._values[n] = n.target(*args, **kwargs)
                 elif n.op == "call_method":
@@ -233,13 +235,6 @@ def _graph_module(root: nn.Module, graph: fx.Graph, name: str) -> fx.GraphModule
     return gm
 
 
-def fetch_attr(root: nn.Module, target: str) -> Any:
-    obj = root
-    for part in target.split("."):
-        obj = getattr(obj, part)
-    return obj
-
-
 def _symbolic_trace(model: nn.Module, leaf_names: set[str], concrete: dict, leaf_types: Iterable[type] = (),
                     specialize: Iterable[str] = (), inputs: tuple = ()) -> tuple[fx.GraphModule, dict[str, int]]:
     tracer = SurgeryTracer(leaf_names, leaf_types, specialize, inputs, concrete)
@@ -249,12 +244,6 @@ def _symbolic_trace(model: nn.Module, leaf_names: set[str], concrete: dict, leaf
         exc.surgery_module_stack = list(tracer.surgery_stack)  # type: ignore[attr-defined]
         raise
     return _graph_module(tracer.root, graph, type(model).__name__), tracer.decisions
-
-
-def _as_tuple(example_inputs: Any) -> tuple:
-    if isinstance(example_inputs, torch.Tensor):
-        return (example_inputs,)
-    return tuple(example_inputs)
 
 
 def compare_outputs(a: Any, b: Any) -> float:
@@ -293,7 +282,7 @@ def propagate_shapes(gm: fx.GraphModule, example_inputs: Any) -> Any:
     printed = io.StringIO()  # ShapeProp prints a traceback before it re-raises: keep it for the log
     try:
         with torch.no_grad(), contextlib.redirect_stderr(printed):
-            return ShapeProp(gm).propagate(*_as_tuple(example_inputs))
+            return ShapeProp(gm).propagate(*as_tuple(example_inputs))
     except Exception:
         log.debug("shape propagation failed:\n%s", printed.getvalue())
         raise
@@ -376,7 +365,7 @@ def trace(
     (logged, and listed in ``gm.meta['surgery'].leaf_fallbacks``). With ``verify``
     the graph's output must match the eager output within 1e-5.
     """
-    inputs = _as_tuple(example_inputs)
+    inputs = as_tuple(example_inputs)
     was_training = model.training
     model = copy.deepcopy(model).eval()
     # The eager forward first: it is the reference, and the clearest test of the input size.

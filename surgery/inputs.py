@@ -46,10 +46,11 @@ def as_tuple(inputs: Any) -> tuple:
 
 
 def size_of(inputs: Any) -> InputSize:
-    """The input size that example ``inputs`` (a tensor, or a tuple of tensors) have."""
-    if isinstance(inputs, torch.Tensor):
-        return tuple(inputs.shape[1:])
-    return tuple(tuple(t.shape[1:]) for t in inputs)
+    """The input size that example ``inputs`` (a tensor, or a tuple of tensors) have; a 1-tuple is one input."""
+    tensors = as_tuple(inputs)
+    if len(tensors) == 1:
+        return tuple(tensors[0].shape[1:])
+    return tuple(tuple(t.shape[1:]) for t in tensors)
 
 
 def batch_of(inputs: Any) -> int:

@@ -503,7 +503,7 @@ def _flops_search(gm: fx.GraphModule, cg: ChannelGraph, choices: list[_Choice], 
     their ratio and the search runs again. Sets ``ctx.target``, with the cause of a shortfall.
     """
     target = cfg.flops
-    size = size_of(ctx.example_inputs if len(ctx.example_inputs) > 1 else ctx.example_inputs[0])
+    size = size_of(ctx.example_inputs)
     base_est = estimate_flops(gm, cg, {})
     base = count_model(gm, size)["flops"]
 
