@@ -446,7 +446,7 @@ def run_worker(name: str, result_path: Path, onnx: bool, threads: int, only: lis
             continue
         try:
             subject: Any = gm
-            if pass_name == "rescale" and block_names(model, timm_notrace_blocks()):
+            if registry.get(pass_name).resizes_input and block_names(model, timm_notrace_blocks()):
                 # as `surgery apply MODEL --pass rescale` does: timm's blocks that compute sizes from
                 # the input's shape stay modules (traced through, they are fixed at this size)
                 subject = loaded

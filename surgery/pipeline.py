@@ -264,7 +264,7 @@ def apply(
                             + (f" with {names}" if names else ""))
     example = example_inputs if example_inputs is not None else example_batch(loaded.input_size)
     leaf_modules = list(loaded.source.get("leaf_modules", []))
-    if any(info.name == "rescale" for info, _ in steps) and not isinstance(loaded.model, fx.GraphModule):
+    if any(info.resizes_input for info, _ in steps) and not isinstance(loaded.model, fx.GraphModule):
         # Blocks timm marks untraceable compute from the input's shape (windows, padding); traced through,
         # those sizes are fixed at the example's. As modules they follow the new size rescale gives.
         leaf_modules += block_names(loaded.model, timm_notrace_blocks())

@@ -55,6 +55,9 @@ class PassInfo:
     name: str
     config_cls: type
     fn: PassFn
+    # The pass changes the input size: modules that compute sizes from the input's shape must stay
+    # modules when the graph is traced, so that they follow the new size.
+    resizes_input: bool = False
 
     @property
     def doc(self) -> str:
@@ -68,13 +71,13 @@ class PassInfo:
 _REGISTRY: dict[str, PassInfo] = {}
 
 
-def register(name: str, config_cls: type) -> Callable[[PassFn], PassFn]:
+def register(name: str, config_cls: type, *, resizes_input: bool = False) -> Callable[[PassFn], PassFn]:
     """Decorator: ``@register("fuse", FuseConfig)`` on the pass function."""
     if not dataclasses.is_dataclass(config_cls):
         raise TypeError(f"config of pass {name!r} must be a dataclass")
 
     def deco(fn: PassFn) -> PassFn:
-        _REGISTRY[name] = PassInfo(name, config_cls, fn)
+        _REGISTRY[name] = PassInfo(name, config_cls, fn, resizes_input)
         return fn
 
     return deco

@@ -489,7 +489,7 @@ def _check_plan(plan: dict, gm: fx.GraphModule, size: tuple[int, ...], source_si
                 expect_int(e["prefix_tokens"], at(w, "prefix_tokens"), lo=0, hi=MAX_CHANNELS)
 
 
-@register("rescale", RescaleConfig)
+@register("rescale", RescaleConfig, resizes_input=True)
 def rescale(gm: fx.GraphModule, cfg: RescaleConfig, ctx: PassContext) -> fx.GraphModule:
     """Rescale every conv kernel by its feature map's scale, and the input by ``factor``."""
     example = ctx.example_inputs[0]
