@@ -185,7 +185,9 @@ class Estimate:
         return (COPIES - 1) * self.param_bytes + max(self.peak_param_bytes, self.param_bytes) + self.activation_bytes
 
     def detail(self) -> str:
-        size = " + ".join("x".join(map(str, s)) for s in self.input_size)
+        from .inputs import describe
+
+        size = describe(self.input_size)
         grown = self.peak_param_bytes > self.param_bytes
         params = (f"{COPIES - 1} copies of {_count(self.params)} params and buffers + 1 grown by the passes = "
                   if grown else f"{COPIES} copies of {_count(self.params)} params and buffers = ")
@@ -405,8 +407,9 @@ def check_input(input_size: Any, what: str, batch: int = BATCH, hint: str = DEFA
     if size is None:
         return
     need = batch * _values(size) * 4
-    shown = " + ".join("x".join(map(str, s)) for s in size)
-    check_memory(need, what, f"the float32 input batch of {batch} x {shown} alone", hint)
+    from .inputs import describe
+
+    check_memory(need, what, f"the float32 input batch of {batch} x {describe(size)} alone", hint)
 
 
 def check_model(model: Any, input_size: Any, *, what: str, passes: Iterable[Any] = (), batch: int = BATCH,
