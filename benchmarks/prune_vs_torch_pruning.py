@@ -28,7 +28,7 @@ CPU latency of original, ours and Torch-Pruning's, timed interleaved.
 **digits**: resnet18 trained on ``digits`` (cached in ``runs/r18``; trained for 3 epochs
 when missing), pruned to 0.5x FLOPs (ours: ``flops=0.5``; Torch-Pruning: its
 ``pruning_ratio`` bisected until the FLOPs are <= 0.5x), uniform and global, l2: val top-1
-with no training (ours with and without ``compensate=on``), then after the same short
+with no training (ours with and without ``recover=on``), then after the same short
 fine-tune (``--finetune-epochs``, surgery.tasks.finetune defaults otherwise).
 """
 
@@ -492,10 +492,10 @@ def digits_part(args: argparse.Namespace) -> dict[str, Any]:
     for scope in ("uniform", "global"):
         variants: list[tuple[str, Any, float | None, float]] = []
         for comp in (False, True):
-            spec = f"prune:flops=0.5,scope={scope},importance=l2" + (",compensate=on,data=digits" if comp else "")
+            spec = f"prune:flops=0.5,scope={scope},importance=l2" + (",recover=on,data=digits" if comp else "")
             t0 = time.perf_counter()
             res = surgery.apply(base, [spec], measure=False)
-            variants.append((f"surgery prune ({scope}{', compensate' if comp else ''})", res.model,
+            variants.append((f"surgery prune ({scope}{', recover' if comp else ''})", res.model,
                              res.recipe["passes"][-1]["plan"]["ratio"], time.perf_counter() - t0))
         tp_model, tp_ratio, tp_s = tp_at(0.5, scope == "global")
         variants.append((f"Torch-Pruning ({scope})", tp_model, tp_ratio, tp_s))

@@ -141,6 +141,27 @@ def _stack_paths(node: fx.Node) -> list[str]:
     return [p for p in paths if p]
 
 
+def owned_span(gm: fx.GraphModule, path: str, output: str) -> tuple[list[str], list[str]]:
+    """The nodes module ``path`` computes up to node ``output`` (graph order, without it) and its modules.
+
+    A node belongs when ``path`` is on its module stack, or when it reads a node that belongs
+    and ``output`` depends on it (the adds and activations between the module's own calls).
+    """
+    nodes = list(gm.graph.nodes)
+    end = next(i for i, n in enumerate(nodes) if n.name == output)
+    needed = {nodes[end]}
+    for n in reversed(nodes[:end + 1]):
+        if n in needed:
+            needed.update(n.all_input_nodes)
+    span: list[fx.Node] = []
+    inside: set[fx.Node] = set()
+    for n in nodes[:end]:
+        if n in needed and (path in _stack_paths(n) or any(a in inside for a in n.all_input_nodes)):
+            span.append(n)
+            inside.add(n)
+    return [n.name for n in span], _span_modules(gm, span + [nodes[end]])
+
+
 def _parent(path: str) -> str:
     return path.rpartition(".")[0]
 

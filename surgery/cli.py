@@ -133,7 +133,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--finetune-epochs", type=int, default=0,
                    help="fine-tune the rewritten model for N epochs on --data, distilling from the original")
     p.add_argument("--data", help="digits or an ImageFolder path: data for --finetune-epochs, and calibration "
-                   "images for passes that use them (prune: importance=taylor, compensate=on)")
+                   "images for passes that use them (prune: importance=taylor; recover=on)")
     _train_args(p, epochs=False)
     _config_arg(p)
 

@@ -495,11 +495,12 @@ class Calibration:
 
 
 def load_calibration(spec: str, example: torch.Tensor, n_images: int, batch_size: int = 32,
-                     seed: int = 0, who: str = "calibration") -> Calibration:
+                     seed: int = 0, who: str = "calibration", norm: tuple[Any, Any] | None = None) -> Calibration:
     """The first ``n_images`` training images of ``spec`` (digits or an ImageFolder) at the traced size.
 
-    Passes use them to measure the model on real data (prune's taylor and compensate, ebcle's scores);
-    ``who`` names the pass in error messages.
+    Passes use them to measure the model on real data (prune's taylor importance, ebcle's scores,
+    recovery); ``who`` names the pass in error messages; ``norm``: the model's (mean, std), ImageNet's
+    by default.
     """
     if not isinstance(example, torch.Tensor):  # a model's several inputs
         if len(example) != 1:
@@ -507,7 +508,8 @@ def load_calibration(spec: str, example: torch.Tensor, n_images: int, batch_size
         example = example[0]
     if example.dim() != 4 or example.shape[-1] != example.shape[-2]:
         raise SurgeryError(f"{who}: calibration data needs a square image input, not {tuple(example.shape[1:])}")
-    data = load_data(spec, image_size=int(example.shape[-1]), limit=n_images, seed=seed)
+    mean, std = norm if norm is not None else (IMAGENET_MEAN, IMAGENET_STD)
+    data = load_data(spec, image_size=int(example.shape[-1]), limit=n_images, seed=seed, mean=mean, std=std)
     if example.shape[1] != 3:
         raise SurgeryError(f"{who}: calibration images are RGB but the model takes {example.shape[1]} channels")
     with torch.random.fork_rng():

@@ -370,10 +370,12 @@ def _pass_growth(model: Any, passes: Iterable[Any], param_bytes: int, act_per_im
             params += extra
             notes.append(f"head:num_classes={cfg.num_classes} +{format_bytes(extra)} params")
         elif (isinstance(cfg, PruneConfig) and not replay and (data or cfg.data)
-              and (cfg.importance == "taylor" or cfg.compensate)):
+              and cfg.importance == "taylor"):
             b = max(b, CALIB_BATCH)
-            if cfg.importance == "taylor":
-                grads = params  # a backward: one gradient per weight, while the pass runs
+            grads = params  # a backward: one gradient per weight, while the pass runs
+        if not replay and (getattr(cfg, "recover", False) or getattr(cfg, "compensate", False)):
+            # Recovery walks the model over all its calibration images at once (surgery.recover).
+            b = max(b, getattr(cfg, "calib", CALIB_BATCH))
         peak_params, peak_act = max(peak_params, params + grads), max(peak_act, act * b)
     return int(peak_params), int(peak_act)
 

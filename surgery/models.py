@@ -51,6 +51,25 @@ def preprocess(mean: Any = IMAGENET_MEAN, std: Any = IMAGENET_STD, interpolation
             "crop_pct": None if crop_pct is None else float(crop_pct)}
 
 
+def input_norm(loaded: LoadedModel) -> tuple[tuple, tuple]:
+    """(mean, std) the model's inputs are normalised with: its recorded preprocessing, else :func:`norm_stats`."""
+    pre = loaded.io.get("preprocess") or {}
+    if pre.get("mean") and pre.get("std"):
+        return tuple(pre["mean"]), tuple(pre["std"])
+    return norm_stats(loaded)
+
+
+def norm_stats(loaded: LoadedModel) -> tuple[tuple, tuple]:
+    """Input normalisation of the source model (timm's pretrained_cfg), ImageNet's otherwise."""
+    cfg = getattr(loaded.model, "pretrained_cfg", None) or {}
+    if loaded.source.get("kind") == "timm":
+        import timm
+
+        default = timm.get_pretrained_cfg(loaded.source["name"])
+        cfg = default.to_dict() if default is not None else cfg
+    return tuple(cfg.get("mean") or IMAGENET_MEAN), tuple(cfg.get("std") or IMAGENET_STD)
+
+
 def _timm_io(model: nn.Module, pretrained: bool) -> dict[str, Any]:
     """timm's pretrained_cfg: its eval transform (with crop_pct) for its weights; its mean and std otherwise."""
     cfg = getattr(model, "pretrained_cfg", None) or {}

@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 import copy
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -17,9 +17,10 @@ from . import passes as registry
 from .errors import SurgeryError
 from .graph import block_names, node_shape, propagate_shapes, timm_notrace_blocks, trace
 from .inputs import as_json, as_tuple, batch_of, check_example_inputs, describe, normalize, random_inputs, size_of
-from .models import IO_KEYS, LoadedModel, build_source, io_fields, load_model
+from .models import IO_KEYS, LoadedModel, build_source, input_norm, io_fields, load_model
 from .progress import Steps
 from .recipe import RECIPE_FORMAT
+from .recover import compose
 from .report import DRIFT_BATCH, LATENCY_BATCHES, compare_models, count_model
 from .validate import ValidationError, expect_dict
 
@@ -174,6 +175,7 @@ def check_target(target: dict[str, Any], before: dict, after: dict) -> dict[str,
 
 def _run_passes(gm: fx.GraphModule, steps: list[tuple[registry.PassInfo, Any, dict | None]],
                 example: torch.Tensor, data: str | None = None, *, counts: dict[str, Any] | None = None,
+                norm: tuple[Any, Any] | None = None,
                 progress: Steps | None = None) -> tuple[fx.GraphModule, list[dict[str, Any]], torch.Tensor]:
     """Run passes in order; a pass that changes the input size (rescale) changes the example too.
 
@@ -182,27 +184,48 @@ def _run_passes(gm: fx.GraphModule, steps: list[tuple[registry.PassInfo, Any, di
     ``progress``: each pass (with its count) is one step of it.
     """
     records = []
+    lineage = Lineage(gm)
     for i, (info, cfg, plan) in enumerate(steps):
         with progress.step(info.name) if progress is not None else contextlib.nullcontext():
-            gm, record, example, counts = _run_pass(gm, i, info, cfg, plan, example, data, counts)
+            gm, record, example, counts = _run_pass(gm, i, info, cfg, plan, example, data, counts, lineage, norm)
         records.append(record)
     return gm, records, example
 
 
+@dataclass
+class Lineage:
+    """The pipeline's input graph and the fits of the passes so far against it (for `recover`)."""
+
+    source: fx.GraphModule
+    fits: list = field(default_factory=list)
+
+    def advance(self, info: registry.PassInfo, fits: list, after: fx.GraphModule) -> None:
+        if info.resizes_input:  # the source runs at the old size: align with the resized model from here
+            self.source, self.fits = after, []
+            return
+        self.fits = compose(self.fits, fits, {n.name for n in after.graph.nodes})
+
+
 def _run_pass(gm: fx.GraphModule, i: int, info: registry.PassInfo, cfg: Any, plan: dict | None,
-              example: torch.Tensor, data: str | None, counts: dict[str, Any] | None,
+              example: torch.Tensor, data: str | None, counts: dict[str, Any] | None, lineage: Lineage | None = None,
+              norm: tuple[Any, Any] | None = None,
               ) -> tuple[fx.GraphModule, dict[str, Any], torch.Tensor, dict[str, Any] | None]:
     """One pass on its copy of the graph: its record (and effect, with ``counts``), the example after it."""
     size = size_of(example)
     # A replay's steps are all the recipe's passes (rebuild): i is the index in recipe["passes"].
     where = f"$.passes[{i}].plan" if plan is not None else "plan"
     ctx = registry.PassContext(example_inputs=as_tuple(example), plan=dict(plan or {}), replay=plan is not None,
-                               input_size=size, data=data, where=where)
+                               input_size=size, data=data, norm=norm, where=where,
+                               source=lineage.source if lineage else None, lineage=lineage.fits if lineage else [])
     previous = gm
     gm = info.run(gm, cfg, ctx)
     if not isinstance(gm, fx.GraphModule):
         raise TypeError(f"pass {info.name} returned {type(gm).__name__}, not a GraphModule")
     record = {"pass": info.name, "config": registry.config_to_dict(cfg), "plan": ctx.plan, "notes": ctx.notes}
+    if ctx.recovery:
+        record["recovery"] = ctx.recovery
+    if lineage is not None:
+        lineage.advance(info, ctx.fits, gm)
     if tuple(ctx.input_size) != size:
         example = example_batch(ctx.input_size, batch=batch_of(example))
         record["input_size"] = as_json(ctx.input_size)
@@ -276,7 +299,7 @@ def apply(
         with progress.step("count"):
             first = count_model(loaded.model, loaded.input_size)
         gm, records, final_example = _run_passes(gm, [(info, cfg, None) for info, cfg in steps], example, data,
-                                                 counts=first, progress=progress)
+                                                 counts=first, progress=progress, norm=input_norm(loaded))
         measured = {}
         if measure:
             # The totals are the first and last pass boundaries' counts: one counter, counted once.
@@ -292,7 +315,8 @@ def apply(
         "format": RECIPE_FORMAT,
         "source": source,
         "input_size": as_json(size_of(final_example)),
-        "passes": loaded.passes + [{k: v for k, v in r.items() if k not in ("notes", "effect")} for r in records],
+        "passes": loaded.passes + [{k: v for k, v in r.items() if k not in ("notes", "effect", "recovery")}
+                                   for r in records],
         **io_fields(loaded.io, _output_width(gm)),  # a new head (head pass) drops the old class names
     }
     report: dict[str, Any] = {"model": loaded.name, "passes": records, **measured,

@@ -378,7 +378,20 @@ def format_table(report: dict[str, Any]) -> str:
             lines.append(f"[{step['pass']}] {effect_line(effect)}")
         for note in step.get("notes", []):
             lines.append(f"[{step['pass']}] {note}")
+        lines += [f"[{step['pass']}] {line}" for line in recovery_lines(step.get("recovery"))]
     return "\n".join(lines)
+
+
+def recovery_lines(rows: list[dict[str, Any]] | None) -> list[str]:
+    """Every fit of a recovery: its node, how it was fitted, its relative activation error before -> after."""
+    if not rows:
+        return []
+    table = [("recovered node", "fit", "error before", "after", "")]
+    table += [(r["node"], r["kind"], f"{r['before']:.4f}", f"{r['after']:.4f}", "" if r["kept"] else "undone")
+              for r in rows]
+    widths = [max(len(r[i]) for r in table) for i in range(5)]
+    return ["  ".join(c.ljust(w) if i < 2 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))).rstrip()
+            for r in table]
 
 
 ACCURACY_ROWS = (("original", "original"), ("rewritten", "rewritten"), ("finetuned", "fine-tuned"))

@@ -19,9 +19,9 @@ from torch import nn
 
 from .artifact import check_out_dir, write_artifact
 from .checkpoint import CHECKPOINT_DIR, STATE_FILE
-from .data import IMAGENET_MEAN, IMAGENET_STD, ImageData, load_data
+from .data import ImageData, load_data
 from .errors import SurgeryError
-from .models import LoadedModel, io_fields, load_model, preprocess
+from .models import LoadedModel, input_norm, io_fields, load_model, norm_stats, preprocess
 from .recipe import RECIPE_FORMAT
 from .safeio import recover
 from .schedule import ProgressiveResize, schedule_report
@@ -51,17 +51,6 @@ class TrainResult:
     seconds: float
 
 
-def _norm_stats(loaded: LoadedModel) -> tuple[tuple, tuple]:
-    """Input normalisation of the source model (timm's pretrained_cfg), ImageNet's otherwise."""
-    cfg = getattr(loaded.model, "pretrained_cfg", None) or {}
-    if loaded.source.get("kind") == "timm":
-        import timm
-
-        default = timm.get_pretrained_cfg(loaded.source["name"])
-        cfg = default.to_dict() if default is not None else cfg
-    return tuple(cfg.get("mean") or IMAGENET_MEAN), tuple(cfg.get("std") or IMAGENET_STD)
-
-
 def _square(input_size: tuple[int, ...]) -> int:
     if input_size[1] != input_size[2]:
         raise SurgeryError(f"training needs a square input size, got {input_size[1]}x{input_size[2]}")
@@ -70,7 +59,7 @@ def _square(input_size: tuple[int, ...]) -> int:
 
 def data_for(spec: str, loaded: LoadedModel, *, limit: int | None = None, seed: int = 0) -> ImageData:
     """The data set at the model's input size and normalisation."""
-    mean, std = _norm_stats(loaded)
+    mean, std = input_norm(loaded)
     return load_data(spec, image_size=_square(loaded.input_size), mean=mean, std=std, limit=limit, seed=seed)
 
 
@@ -109,7 +98,7 @@ def _finish(loaded: LoadedModel, model: nn.Module, data: ImageData, cfg: TrainCo
     metrics = {k: v for k, v in metrics.items() if k.startswith("val_")}
     if out is not None and setup_distributed().main:
         # Trained here: inputs as this data pipeline prepares them, outputs named by the data's classes.
-        mean, std = _norm_stats(loaded)
+        mean, std = norm_stats(loaded)
         io = {"preprocess": preprocess(mean, std), "classes": list(data.classes)}
         recipe = {"format": RECIPE_FORMAT, "source": loaded.source, "input_size": list(loaded.input_size),
                   "passes": loaded.passes, **io_fields(io, len(data.classes))}

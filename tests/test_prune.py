@@ -183,7 +183,7 @@ def _relative_error(model, reference, images):
         return ((model(images) - ref).square().mean() / ref.square().mean()).item()
 
 
-def test_compensation_refits_the_kept_weights_on_real_images():
+def test_recovery_refits_the_kept_weights_on_real_images():
     """Least squares on 32 digits: held-out outputs move far less than without it."""
     from surgery.data import load_data
 
@@ -192,16 +192,21 @@ def test_compensation_refits_the_kept_weights_on_real_images():
     held_out = torch.stack([val[i][0] for i in range(0, 300, 3)])
     spec = "prune:ratio=0.5,scope=uniform"
     plain = surgery.apply(model, spec, example_inputs=x, measure=False)
-    fitted = surgery.apply(model, spec + ",compensate=on,data=digits,calib=32", example_inputs=x, measure=False)
+    fitted = surgery.apply(model, spec + ",recover=on,data=digits,calib=32", example_inputs=x, measure=False)
     assert fitted.recipe["passes"][0]["plan"] == plain.recipe["passes"][0]["plan"]  # same architecture
     assert fitted.model.fc.weight.shape == plain.model.fc.weight.shape
     before, after = _relative_error(plain.model, model, held_out), _relative_error(fitted.model, model, held_out)
     assert after < before / 5
-    notes = fitted.report["passes"][0]["notes"]
-    assert any(n.startswith("compensate: refitted 20 layer(s) on 32 calibration images in ") for n in notes)
-    (errors,) = [n for n in notes if "relative output error" in n]
-    before, after = (float(v) for v in re.search(r"median ([0-9.]+) -> ([0-9.]+)", errors).groups())
-    assert after < before / 2  # each layer's own fit, measured on its sampled rows
+    record = fitted.report["passes"][0]
+    assert any(n.startswith("recover: fitted 20 layer(s)/block(s) (20 linear) on 32 calibration images in ")
+               for n in record["notes"])
+    rows = record["recovery"]
+    assert len(rows) == 20 and all(r["kind"] == "linear" for r in rows)
+    assert np.median([r["after"] for r in rows]) < np.median([r["before"] for r in rows]) / 2
+    assert "recovery" not in fitted.recipe["passes"][0]  # the report's, not the recipe's
+    # compensate=on, the option's earlier name, does the same
+    old = surgery.apply(model, spec + ",compensate=on,data=digits,calib=32", example_inputs=x, measure=False)
+    assert torch.equal(old.model.fc.weight, fitted.model.fc.weight)
 
 
 def test_taylor_importance_needs_data_and_uses_it():

@@ -34,6 +34,7 @@ class PassContext:
     # One sample's shape ((C, H, W), (F,)...; a tuple of them for several inputs); a pass that changes it sets it.
     input_size: tuple = ()
     data: str | None = None  # the run's --data (digits or a folder): calibration for passes that want it
+    norm: tuple[Any, Any] | None = None  # the model's input (mean, std), for calibration images; ImageNet's if None
     where: str = "plan"  # JSON path of ``plan`` in the recipe (``$.passes[2].plan``), for replay's errors
     # Why the pass left the model as it was (nothing to fold, no block to collapse): the report's
     # "no change" line. Whether it changed anything is measured by the pipeline, not claimed here.
@@ -42,6 +43,13 @@ class PassContext:
     # pipeline, which measures): "kind", "requested", "expected_flops" (after / before), "tolerance",
     # "bound" ("equal" or "at_most"), and "cause" when the pass already knows it falls short.
     target: dict[str, Any] | None = None
+    # Recovery (surgery.recover): the fits this pass declares against its input graph (set in replay
+    # too), the rows of the fits it ran (the report's table), and for the `recover` pass the
+    # pipeline's input graph with the fits of the passes before, composed against it.
+    fits: list[Any] = field(default_factory=list)
+    recovery: list[dict[str, Any]] = field(default_factory=list)
+    source: fx.GraphModule | None = None
+    lineage: list[Any] = field(default_factory=list)
 
     def note(self, message: str) -> None:
         self.notes.append(message)

@@ -25,6 +25,7 @@ then overwrite. Graph nodes are never touched: modules are swapped in place.
 
 from __future__ import annotations
 
+import copy
 import fnmatch
 import operator
 from collections import Counter
@@ -36,9 +37,12 @@ import torch.nn.functional as F
 from timm import layers as timm_layers
 from torch import fx, nn
 
+from .. import recover
+from ..blocks import find_structure
 from ..errors import SurgeryError
 from ..graph import finalize, get_module, node_shape, set_module
 from ..nn.bilinear import BilinearConv2d, BilinearProjection, _conv_padding, factor_pair, padded_size
+from ..recover import Fit
 from ..validate import (
     MAX_CHANNELS,
     MAX_RANK,
@@ -77,6 +81,17 @@ class BilinearConfig:
         "doc": "leave the classifier (the last layer before the output) dense"})
     pad: bool = field(default=False, metadata={
         "doc": "pad sizes that factor badly (primes: d1 = 1) to the nearest size with factors within 2x"})
+    recover: bool = field(default=False, metadata={
+        "doc": "after init, fit U and V (alternating least squares) so that each layer reproduces the dense "
+               "layer's output on calibration images (surgery.recover)"})
+    data: str | None = field(default=None, metadata={
+        "doc": "calibration images for recover: digits or an ImageFolder path (default: the run's --data)"})
+    calib: int = field(default=256, metadata={"doc": "calibration images to use from data"})
+    sweeps: int = field(default=12, metadata={"doc": "alternating least-squares sweeps per layer (recover)"})
+    steps: int = field(default=200, metadata={
+        "doc": "Adam steps of local distillation per residual block holding rewritten layers (recover); "
+               "0: layer fits only"})
+    seed: int = field(default=0, metadata={"doc": "seed of calibration sampling"})
 
     def __post_init__(self) -> None:
         # Python callers may write targets="linear+conv1x1" or skip="head*".
@@ -101,6 +116,9 @@ class BilinearConfig:
             raise SurgeryError(f"bilinear: init must be kron-svd or random, got {self.init!r}")
         if isinstance(self.min_features, bool) or not isinstance(self.min_features, int) or self.min_features < 1:
             raise SurgeryError(f"bilinear: min_features must be an integer >= 1, got {self.min_features!r}")
+        if self.calib < 1 or self.sweeps < 1 or self.steps < 0:
+            raise SurgeryError(f"bilinear: calib and sweeps must be >= 1 and steps >= 0, got calib={self.calib}, "
+                               f"sweeps={self.sweeps}, steps={self.steps}")
 
 
 # --- which layers -------------------------------------------------------------------------
@@ -579,11 +597,17 @@ def bilinear(gm: fx.GraphModule, cfg: BilinearConfig, ctx: PassContext) -> fx.Gr
     else:
         entries, widened, spread, left = _plan(gm, cfg)
     names = dict(gm.named_modules())
-    functional = {owner: node for node, owner in _layers(gm).functional.items()}
+    layers = _layers(gm)
+    functional = {owner: node for node, owner in layers.functional.items()}
+    # The node computing each rewritten layer, by name before the rewrite: what recovery fits against.
+    sources = {e["name"]: layers.calls[e["name"]][0].name for e in entries + widened
+               if len(layers.calls.get(e["name"], ())) == 1}
+    original = copy.deepcopy(gm) if cfg.recover and not ctx.replay else None
     for e in entries + widened:
         if e["name"] not in names or (e.get("call") == "function" and e["name"] not in functional):
             raise SurgeryError(f"bilinear: the plan names layer {e['name']!r}, which the model lacks; "
                                "the recipe does not belong to this model")
+    calls: dict[str, str] = {}  # F.linear nodes turned into module calls: the new node's name
     for w in widened:
         old = gm.get_submodule(w["name"])
         new = nn.Linear(w["in_features"], w["out_features"], w["bias"], device=old.weight.device,
@@ -612,16 +636,39 @@ def bilinear(gm: fx.GraphModule, cfg: BilinearConfig, ctx: PassContext) -> fx.Gr
             gm.graph.erase_node(node)
             for n in reads:  # M.weight / M.bias: gone with the old module
                 gm.graph.erase_node(n)
+            calls[e["name"]] = call.name
         set_module(gm, e["name"], new)
     gm = finalize(gm)
+    ctx.fits = _fits(gm, entries, sources, calls, cfg.steps)
     if not ctx.replay:
         ctx.plan["layers"] = entries
         ctx.plan["widened"] = widened
         _notes(ctx, entries, widened, left, cfg)
+        if original is not None and entries:
+            recover.run(original, gm, ctx.fits, ctx, cfg.data, cfg.calib, cfg.seed, "bilinear",
+                        recover.Options(sweeps=cfg.sweeps, steps=cfg.steps))
         if not entries:
             kept = ", ".join(f"{n} ({why})" for why, n in left.items())
             ctx.reason = f"no layer matches targets={'+'.join(cfg.targets)}" + (f"; left dense: {kept}" if kept else "")
     return gm
+
+
+def _fits(gm: fx.GraphModule, entries: list[dict[str, Any]], sources: dict[str, str], calls: dict[str, str],
+          steps: int) -> list[Fit]:
+    """What recovery fits: each rewritten layer (ALS) and widened consumer (least squares) to its old
+    output, the plain layers downstream of them (the classifier) to theirs, and, with ``steps``,
+    each residual block that holds rewritten layers to its old output (local distillation)."""
+    rewritten = {e["name"] for e in entries}
+    fits = [Fit(calls.get(name, source), source, "bilinear" if name in rewritten else "linear",
+                axis=1 if isinstance(gm.get_submodule(name), BilinearConv2d) else -1)
+            for name, source in sources.items()]
+    fits += recover.downstream_layers(gm, {f.node for f in fits})
+    if steps:
+        for block in find_structure(gm).blocks:
+            if block.kind == "residual" and rewritten & set(block.modules):
+                fits.append(Fit(block.output, block.output, "distill",
+                                span=[n for n in block.span if n != block.output], modules=block.modules))
+    return fits
 
 
 def _notes(ctx: PassContext, entries: list[dict[str, Any]], widened: list[dict[str, Any]], left: Counter,

@@ -23,13 +23,15 @@ from typing import Literal
 import torch
 from torch import fx, nn
 
-from ..blocks import Block, Structure, collapse, find_structure, identity_scores
+from .. import recover
+from ..blocks import Block, Structure, collapse, find_structure, identity_scores, owned_span
 from ..data import load_calibration
 from ..entropy import MAX_NATS
 from ..errors import SurgeryError
 from ..graph import compare_outputs, propagate_shapes
 from ..inputs import first_rows
 from ..progress import enabled as progress_enabled
+from ..recover import Fit
 from ..report import flops_by_node
 from ..validate import (
     MAX_CHANNELS,
@@ -101,10 +103,14 @@ class EbcleConfig:
     metric: Literal["branch", "output"] = field(default="branch", metadata={
         "doc": "identity score: branch ||f(x)||/||x|| (one forward), or output: relative change of the "
                "model's output when the block alone goes (one forward per block); dense layers always use output"})
-    calib: int = field(default=32, metadata={"doc": "calibration images for select=identity"})
+    calib: int = field(default=32, metadata={"doc": "calibration images for select=identity and recover"})
     widen: float = field(default=1.0, metadata={
         "doc": "multiply the inner channels of the blocks left by this (1 = off); new channels start "
                "function-preserving (their outgoing weights are zero)"})
+    recover: bool = field(default=False, metadata={
+        "doc": "train the block next to each removed run to reproduce the removed blocks' output on calibration "
+               "images (local distillation, surgery.recover); needs data"})
+    steps: int = field(default=200, metadata={"doc": "Adam steps per recovered block (recover)"})
     seed: int = field(default=0, metadata={"doc": "seed of calibration sampling and of new channels' weights"})
 
     def validate(self) -> None:
@@ -120,6 +126,8 @@ class EbcleConfig:
             raise SurgeryError(f"ebcle:entropy is in nats, between 0 and ln 256 = {MAX_NATS:.3f}; got {self.entropy}")
         if self.calib < 1:
             raise SurgeryError(f"ebcle:calib must be >= 1, got {self.calib}")
+        if self.steps < 1:
+            raise SurgeryError(f"ebcle:steps must be >= 1, got {self.steps}")
         if not 1.0 <= self.widen <= 16.0:
             raise SurgeryError(f"ebcle:widen is a factor between 1 (off) and 16, got {self.widen}")
 
@@ -356,6 +364,39 @@ def _check_plan(plan: dict, structure: Structure, where: str) -> list[Block]:
 # --- the pass ------------------------------------------------------------------------------
 
 
+def _fits(gm: fx.GraphModule, structure: Structure, gone: set[str]) -> list[Fit]:
+    """Local distillation around each run of removed residual blocks.
+
+    The kept block (or stage head) before the run learns to yield what the run's last block
+    yielded; where nothing with parameters precedes the run in its stage, the kept block
+    after it learns to yield its own old output from the input it now gets.
+    """
+    def fit(block: Block, source: str) -> Fit | None:
+        span, modules = owned_span(gm, block.name.split("#")[0], block.output) if block.kind == "head" else (
+            [n for n in block.span if n != block.output], block.modules)
+        return Fit(block.output, source, "distill", span=span, modules=modules) if modules else None
+
+    fits = []
+    for stage in structure.stages:
+        blocks = stage.blocks
+        i = 0
+        while i < len(blocks):
+            if blocks[i].name not in gone:
+                i += 1
+                continue
+            j = i
+            while j + 1 < len(blocks) and blocks[j + 1].name in gone:
+                j += 1
+            if blocks[j].kind == "residual":
+                before = fit(blocks[i - 1], blocks[j].output) if i > 0 and blocks[i - 1].kind != "dense" else None
+                after = (fit(blocks[j + 1], blocks[j + 1].output)
+                         if j + 1 < len(blocks) and blocks[j + 1].kind == "residual" else None)
+                if before or after:
+                    fits.append(before or after)
+            i = j + 1
+    return fits
+
+
 def _fmt(block: Block, scores: dict[str, dict[str, float]], metric: str) -> str:
     s = _score(scores, block, metric)
     return f"{block.name} ({s:.3f})" if math.isfinite(s) else block.name
@@ -424,7 +465,7 @@ def ebcle(gm: fx.GraphModule, cfg: EbcleConfig, ctx: PassContext) -> fx.GraphMod
             if not spec:
                 raise SurgeryError("ebcle:select=identity needs calibration images: add data=digits or "
                                    "data=FOLDER, or use select=position")
-            calib = load_calibration(spec, example, cfg.calib, seed=cfg.seed, who="ebcle")
+            calib = load_calibration(spec, example, cfg.calib, seed=cfg.seed, who="ebcle", norm=ctx.norm)
             scores = identity_scores(gm, structure, [b[0] for b in calib.batches],
                                      output_change=cfg.metric == "output")
         removed = choose(structure, keep, select, scores, cfg.metric)
@@ -446,6 +487,7 @@ def ebcle(gm: fx.GraphModule, cfg: EbcleConfig, ctx: PassContext) -> fx.GraphMod
     per_node = flops_by_node(gm, first_rows(example)) if removed else {}
     total = sum(per_node.values())
     held = sum(per_node.get(name, 0) for b in removed for name in b.span)
+    original = copy.deepcopy(gm) if cfg.recover and not ctx.replay and removed else None
     gm = collapse(gm, removed)
     # A block counts as collapsed only when its compute left the graph (none of its nodes is left).
     live = {n.name for n in gm.graph.nodes}
@@ -463,6 +505,10 @@ def ebcle(gm: fx.GraphModule, cfg: EbcleConfig, ctx: PassContext) -> fx.GraphMod
         gm.train(was_training)
     if compare_outputs(before, after) == math.inf:
         raise RuntimeError("ebcle changed the model's output shapes; this is a bug in surgery.blocks")
+    ctx.fits = _fits(gm, structure, {b.name for b in removed} - {b.name for b in stayed})
+    if original is not None:
+        recover.run(original, gm, ctx.fits, ctx, cfg.data, cfg.calib, cfg.seed, "ebcle",
+                    recover.Options(steps=cfg.steps))
     if not ctx.replay:
         metric = cfg.metric
         if scores:

@@ -21,12 +21,14 @@ import numpy as np
 import torch
 from torch import fx
 
+from .. import recover
 from ..channels import ChannelGraph, Group, Member, build, einsum_parts, format_ranges
 from ..data import Calibration, load_calibration
 from ..errors import SurgeryError
 from ..graph import finalize, get_module, node_shape
 from ..inputs import size_of
 from ..progress import bar
+from ..recover import Fit
 from ..report import count_model
 from ..validate import MAX_CHANNELS, ValidationError, at, expect_dict, expect_int, expect_number, expect_ranges
 from . import PassContext, register
@@ -59,15 +61,16 @@ class PruneConfig:
     heads: bool = field(default=True, metadata={"doc": "prune whole attention heads"})
     head_dims: bool = field(default=False, metadata={
         "doc": "also prune dimensions inside each attention head (the attention scale is pinned)"})
-    compensate: bool = field(default=False, metadata={
+    recover: bool = field(default=False, metadata={
         "doc": "refit each layer that lost input channels by least squares on the data, to reproduce "
-               "its old output (recovers accuracy without training)"})
+               "its old output (recovers accuracy without training; surgery.recover)"})
+    compensate: bool = field(default=False, metadata={"doc": "the earlier name of recover"})
     data: str | None = field(default=None, metadata={
-        "doc": "calibration images for taylor and compensate: digits or an ImageFolder path "
+        "doc": "calibration images for taylor and recover: digits or an ImageFolder path "
                "(default: the run's --data, where the pipeline passes it)"})
     calib: int = field(default=64, metadata={"doc": "calibration images to use from data"})
     ridge: float = field(default=1e-3, metadata={
-        "doc": "ridge of the compensation least squares, relative to the mean input energy"})
+        "doc": "ridge of the recovery least squares, relative to the mean input energy"})
     seed: int = field(default=0, metadata={"doc": "seed of the random importance and of calibration sampling"})
 
     def validate(self) -> None:
@@ -182,7 +185,7 @@ def _taylor(gm: fx.GraphModule, members: list[Member], calib: Calibration) -> li
     return list(zip(members, totals))
 
 
-# --- compensation ----------------------------------------------------------------------
+# --- recovery: what the refitted layers must reproduce ----------------------------------------
 
 
 def _consumers(gm: fx.GraphModule, cg: ChannelGraph, keep: dict[int, np.ndarray]) -> dict[str, np.ndarray]:
@@ -190,161 +193,23 @@ def _consumers(gm: fx.GraphModule, cg: ChannelGraph, keep: dict[int, np.ndarray]
     out = {}
     for name, (kind, ports) in cg.modules.items():
         m = gm.get_submodule(name)
-        if kind == "conv" and (type(m) is not torch.nn.Conv2d or m.groups != 1 or m.padding_mode != "zeros"
-                               or not isinstance(m.padding, tuple)):
-            continue  # dynamic or string padding, other dims: left as pruned
-        if kind not in ("conv", "linear"):
-            continue
+        if kind not in ("conv", "linear") or not recover.fittable(m):
+            continue  # dynamic or string padding, grouped, other dims: left as pruned
         in_mask = cg.keep_mask(ports["in"], keep)
         if not in_mask.all() and in_mask.any():
             out[name] = cg.keep_mask(ports["out"], keep)
     return out
 
 
-def _rows(module: torch.nn.Module, x: torch.Tensor, positions: int, gen: torch.Generator) -> torch.Tensor:
-    """The input of a conv (patches, as its weight reads them) or linear layer, at sampled positions."""
-    if not isinstance(module, torch.nn.Conv2d):
-        rows = x.reshape(-1, x.shape[-1])
-        if rows.shape[0] > positions:
-            rows = rows[torch.randperm(rows.shape[0], generator=gen)[:positions]]
-        return rows.float()
-    (kh, kw), (sh, sw), (dh, dw), (ph, pw) = module.kernel_size, module.stride, module.dilation, module.padding
-    b, c, h, w = x.shape
-    ho, wo = (h + 2 * ph - dh * (kh - 1) - 1) // sh + 1, (w + 2 * pw - dw * (kw - 1) - 1) // sw + 1
-    n = b * ho * wo
-    pick = torch.randperm(n, generator=gen)[:positions] if n > positions else torch.arange(n)
-    bi, oy, ox = pick // (ho * wo), (pick // wo) % ho, pick % wo
-    ys = oy[:, None] * sh + torch.arange(kh)[None, :] * dh
-    xs = ox[:, None] * sw + torch.arange(kw)[None, :] * dw
-    padded = torch.nn.functional.pad(x, (pw, pw, ph, ph))
-    patches = padded[bi[:, None, None], :, ys[:, :, None], xs[:, None, :]]  # (n, kh, kw, c)
-    return patches.permute(0, 3, 1, 2).reshape(len(pick), c * kh * kw).float()
-
-
-COMPENSATE_ROWS = 2048  # sampled rows (pixels, tokens) per layer over all calibration batches
-
-
-def _positions(calib: Calibration) -> int:
-    return max(64, -(-COMPENSATE_ROWS // max(1, len(calib.batches))))
-
-
-def _with_bias_column(module: torch.nn.Module, rows: torch.Tensor) -> torch.Tensor:
-    if getattr(module, "bias", None) is None:
-        return rows
-    return torch.cat([rows, torch.ones(rows.shape[0], 1, dtype=rows.dtype)], 1)
-
-
-def _kept_weight(module: torch.nn.Module, out_mask: np.ndarray) -> torch.Tensor:
-    """The kept output rows of a conv/linear weight, flattened, with the bias as a last column."""
-    rows = torch.as_tensor(np.flatnonzero(out_mask))
-    w = module.weight.detach().double()[rows].reshape(len(rows), -1)
-    if module.bias is not None:
-        w = torch.cat([w, module.bias.detach().double()[rows][:, None]], 1)
-    return w
-
-
-def _original_outputs(original: fx.GraphModule, consumers: dict[str, np.ndarray],
-                      calib: Calibration) -> dict[str, list[torch.Tensor]]:
-    """Each consumer's kept outputs in the original model at sampled rows, per calibration batch."""
-    out: dict[str, list[torch.Tensor]] = {n: [] for n in consumers}
-    weights = {n: _kept_weight(original.get_submodule(n), mask).float() for n, mask in consumers.items()}
-    batch, positions = [0], _positions(calib)
-
-    def hook_for(name: str):
-        def hook(module, inputs):
-            gen = torch.Generator().manual_seed(batch[0])
-            x = _with_bias_column(module, _rows(module, inputs[0].detach(), positions, gen))
-            out[name].append(x @ weights[name].T)
-        return hook
-
-    handles = [original.get_submodule(n).register_forward_pre_hook(hook_for(n)) for n in consumers]
-    try:
-        with torch.no_grad():
-            for i, (images, _) in enumerate(calib.batches):
-                batch[0] = i
-                original(images)
-    finally:
-        for h in handles:
-            h.remove()
+def _fits(gm: fx.GraphModule, consumers: dict[str, np.ndarray]) -> list[Fit]:
+    """Each consumer's call must reproduce its old output at its kept channels (same node names)."""
+    out = []
+    for node in gm.graph.nodes:
+        if node.op == "call_module" and node.target in consumers:
+            linear = isinstance(gm.get_submodule(node.target), torch.nn.Linear)
+            out.append(Fit(node.name, node.name, "linear", np.flatnonzero(consumers[node.target]).tolist(),
+                           axis=-1 if linear else 1))
     return out
-
-
-def _relative_error(w: torch.Tensor, gram: torch.Tensor, cross: torch.Tensor, energy: float) -> float:
-    """sqrt(sum |y - W x'|^2 / sum |y|^2) from the sums alone: |y|^2 - 2 <W, C> + <W G, W>."""
-    squared = energy - 2 * (w * cross).sum().item() + ((w @ gram) * w).sum().item()
-    return math.sqrt(max(squared, 0.0) / energy) if energy > 0 else 0.0
-
-
-def _refit(new: torch.nn.Module, gram: torch.Tensor, cross: torch.Tensor, energy: float,
-           ridge: float) -> tuple[float, float]:
-    """W' = (sum y x'^T) (G + ridge * mean(diag G) I)^-1, by Cholesky (a bias is a constant input).
-
-    Returns the layer's relative output error on the sampled rows before and after."""
-    current = _kept_weight(new, np.ones(new.weight.shape[0], dtype=bool))
-    before = _relative_error(current, gram, cross, energy)
-    regularized = gram.clone()
-    regularized.diagonal().add_(ridge * gram.diagonal().mean().clamp_min(1e-12))
-    fitted = torch.cholesky_solve(cross.T, torch.linalg.cholesky(regularized)).T
-    after = _relative_error(fitted, gram, cross, energy)
-    with torch.no_grad():
-        if new.bias is not None:
-            new.bias.copy_(fitted[:, -1].to(new.bias.dtype))
-            fitted = fitted[:, :-1]
-        new.weight.copy_(fitted.reshape(new.weight.shape).to(new.weight.dtype))
-    return before, after
-
-
-def compensate(original: fx.GraphModule, pruned: fx.GraphModule, consumers: dict[str, np.ndarray],
-               calib: Calibration, ridge: float) -> dict[str, tuple[float, float]]:
-    """Refit each consumer's remaining weights: least squares from its pruned input to its old output.
-
-    One forward of the original model records each consumer's kept outputs y = W x at sampled
-    rows; then the pruned graph runs node by node over all calibration batches at once, so that
-    each consumer, reached in graph order, sees the input x' that the already refitted layers
-    before it produce: W' = (sum y x'^T) (G + ridge * mean(diag G) I)^-1, G = sum x' x'^T. Two
-    forwards in all, whatever the number of layers. Returns each refitted layer's relative
-    output error (sampled rows, calibration images) before and after its fit.
-    """
-    modes = original.training, pruned.training
-    original.eval()
-    pruned.eval()
-    positions = _positions(calib)
-    errors: dict[str, tuple[float, float]] = {}
-    try:
-        targets = _original_outputs(original, consumers, calib)
-        # Each batch's values, freed after their last use.
-        last_use: dict[fx.Node, fx.Node] = {}
-        for node in pruned.graph.nodes:
-            for arg in node.all_input_nodes:
-                last_use[arg] = node
-        runners = [fx.Interpreter(pruned, garbage_collect_values=False) for _ in calib.batches]
-        for runner, (images, _) in zip(runners, calib.batches):
-            runner.args_iter = iter([images])
-        with torch.no_grad():
-            for node in bar(list(pruned.graph.nodes), "prune: compensate", unit="node"):
-                if node.op == "output":
-                    break
-                if node.op == "call_module" and node.target in consumers:
-                    gram = cross = None
-                    energy = 0.0
-                    module = pruned.get_submodule(node.target)
-                    for i, runner in enumerate(runners):
-                        xp = _with_bias_column(module, _rows(module, runner.env[node.args[0]], positions,
-                                                             torch.Generator().manual_seed(i)))
-                        y = targets[node.target][i]
-                        g, c = (xp.T @ xp).double(), (y.T @ xp).double()
-                        gram, cross = (g, c) if gram is None else (gram + g, cross + c)
-                        energy += y.double().square().sum().item()
-                    errors[node.target] = _refit(module, gram, cross, energy, ridge)
-                for runner in runners:
-                    runner.env[node] = runner.run_node(node)
-                    for arg in node.all_input_nodes:
-                        if last_use.get(arg) is node:
-                            del runner.env[arg]
-    finally:
-        original.train(modes[0])
-        pruned.train(modes[1])
-    return errors
 
 
 # --- selection -------------------------------------------------------------------------
@@ -635,13 +500,14 @@ def prune(gm: fx.GraphModule, cfg: PruneConfig, ctx: PassContext) -> fx.GraphMod
     else:
         calib = None
         needs = [w for w, on in (("importance=taylor", cfg.importance == "taylor"),
-                                 ("compensate", cfg.compensate)) if on]
+                                 ("recover", cfg.recover or cfg.compensate)) if on]
         if needs:
             spec = cfg.data or getattr(ctx, "data", None)  # the option, else the run's --data
             if not spec:
                 raise SurgeryError(f"prune:{' and '.join(needs)} needs calibration images: add data=digits "
                                    "or data=FOLDER to the pass")
-            calib = load_calibration(spec, ctx.example_inputs, cfg.calib, seed=cfg.seed, who="prune")
+            calib = load_calibration(spec, ctx.example_inputs, cfg.calib, seed=cfg.seed, who="prune",
+                                     norm=ctx.norm)
         scores, fallback = importance(gm, cg, prunable, cfg.importance, cfg.seed, calib)
         choices = _choices(prunable, scores, cfg)
         order, owner = _global_order(choices) if choices and cfg.scope == "global" else (None, None)
@@ -666,20 +532,12 @@ def prune(gm: fx.GraphModule, cfg: PruneConfig, ctx: PassContext) -> fx.GraphMod
     counts = {g: int(k.sum()) for g, k in keep.items()}
     (output,) = [n for n in gm.graph.nodes if n.op == "output"]
     expected = [node_shape(n)[1:] for n in _flat(output.args) if node_shape(n) is not None]
-    original = copy.deepcopy(gm) if cfg.compensate and not ctx.replay else None
-    consumers = _consumers(gm, cg, keep) if original is not None else {}
+    ctx.fits = _fits(gm, _consumers(gm, cg, keep))
+    original = copy.deepcopy(gm) if (cfg.recover or cfg.compensate) and not ctx.replay else None
     gm = finalize(cg.apply(gm, keep))
     if original is not None:
-        fit_start = time.perf_counter()
-        errors = compensate(original, gm, consumers, calib, cfg.ridge)
-        ctx.note(f"compensate: refitted {len(errors)} layer(s) on {sum(len(b[1]) for b in calib.batches)} "
-                 f"calibration images in {time.perf_counter() - fit_start:.1f} s")
-        if errors:
-            worst = max(errors, key=lambda n: errors[n][1])
-            ctx.note("compensate: relative output error of the refitted layers (sampled rows) before -> after: "
-                     f"median {np.median([b for b, _ in errors.values()]):.3f} -> "
-                     f"{np.median([a for _, a in errors.values()]):.3f}; largest after: {worst} "
-                     f"{errors[worst][0]:.3f} -> {errors[worst][1]:.3f}")
+        recover.run(original, gm, ctx.fits, ctx, None, 0, cfg.seed, "prune",
+                    recover.Options(ridge=cfg.ridge), calib=calib)
     was_training = gm.training
     with torch.no_grad():  # one sample, in eval mode, is enough to prove that every shape still fits
         out = gm.eval()(*(x[:1] if isinstance(x, torch.Tensor) else x for x in ctx.example_inputs))
