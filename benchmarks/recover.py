@@ -73,32 +73,34 @@ def spread(values: list[float]) -> dict[str, Any]:
     return {"mean": statistics.mean(values), "min": min(values), "max": max(values), "values": values}
 
 
-def tuned(loaded: LoadedModel, teacher: LoadedModel, seeds: list[int]) -> dict[str, Any]:
-    """Val top-1 after one epoch of fine-tuning (distilled from the teacher), once per seed."""
+def tuned(loaded: LoadedModel, teacher: LoadedModel, seeds: list[int], lr: float) -> dict[str, Any]:
+    """Val top-1 after one epoch of fine-tuning (SGD at ``lr``, distilled from the teacher), once per seed."""
     out = []
     for seed in seeds:
-        cfg = TrainConfig(epochs=1, lr=FINETUNE_LR, warmup_epochs=0.0, seed=seed, progress=False)
+        cfg = TrainConfig(epochs=1, lr=lr, warmup_epochs=0.0, seed=seed, progress=False)
         model = LoadedModel(copy.deepcopy(loaded.model), loaded.input_size, loaded.source, io=loaded.io)
         out.append(finetune(model, "digits", cfg, teacher=teacher).metrics["val_top1"])
     return spread(out)
 
 
-def variant(name: str, build, teacher: LoadedModel, seeds: list[int], *, seeded: bool) -> dict[str, Any]:
-    """One row: ``build(seed) -> (LoadedModel, notes)``, evaluated, then fine-tuned per seed.
+def variant(name: str, build, teacher: LoadedModel, seeds: list[int], *, seeded: bool,
+            lrs: tuple[float, ...] = (FINETUNE_LR,)) -> dict[str, Any]:
+    """One row: ``build(seed) -> (LoadedModel, notes)``, evaluated, then fine-tuned per seed (at each lr).
 
     ``seeded``: the rewrite itself depends on the seed (recovery draws its calibration images)."""
-    rows, times, fine = [], [], []
+    rows, times, fine = [], [], {lr: [] for lr in lrs}
     for seed in (seeds if seeded else seeds[:1]):
         t0 = time.perf_counter()
         loaded, notes = build(seed)
         seconds = time.perf_counter() - t0
         times.append(recover_seconds(notes))
         rows.append(evaluate_model(loaded, "digits")["val_top1"])
-        fine += tuned(loaded, teacher, [seed] if seeded else seeds)["values"]
+        for lr in lrs:
+            fine[lr] += tuned(loaded, teacher, [seed] if seeded else seeds, lr)["values"]
         print(f"{name} seed {seed}: top-1 {rows[-1]:.4f} ({seconds:.1f} s)", file=sys.stderr, flush=True)
     x1 = torch.zeros(1, *loaded.input_size)
     return {"variant": name, "params": count_params(loaded.model), "flops": count_flops(loaded.model, x1),
-            "top1": spread(rows), "finetuned": spread(fine),
+            "top1": spread(rows), "finetuned": {str(lr): spread(v) for lr, v in fine.items()},
             "recover_seconds": spread([t for t in times if t is not None]) if any(times) else None}
 
 
@@ -180,9 +182,11 @@ def part_bilinear(args) -> dict[str, Any]:
     def build(passes: list[str]):
         return lambda seed: applied(teacher, [p.replace("recover:", f"recover:seed={seed},") for p in passes])
 
+    lrs = (FINETUNE_LR, 1e-4)  # the default collapses these networks (docs/recover.md): also a tenth of it
     for name, chain in chains.items():
-        rows.append(variant(f"bilinear {name}", build(chain), teacher, args.seeds, seeded=False))
-        rows.append(variant(f"bilinear {name} + recover", build(chain + [rec]), teacher, args.seeds, seeded=True))
+        rows.append(variant(f"bilinear {name}", build(chain), teacher, args.seeds, seeded=False, lrs=lrs))
+        rows.append(variant(f"bilinear {name} + recover", build(chain + [rec]), teacher, args.seeds, seeded=True,
+                            lrs=lrs))
     return {"start": start, "end": stamp(), "rows": rows, "recover": rec, "threads": torch.get_num_threads()}
 
 
@@ -214,12 +218,15 @@ def fmt(s: dict[str, Any] | None) -> str:
 
 def table(rows: list[dict[str, Any]]) -> list[str]:
     base = rows[0]
-    lines = ["| variant | params | FLOPs | vs first | val top-1, no training | after 1 epoch | recovery (s) |",
-             "|---|---:|---:|---:|---:|---:|---:|"]
+    lrs = list(next((r["finetuned"] for r in rows if r["finetuned"]), {}))
+    head = "".join(f" after 1 epoch, lr {float(lr):g} |" for lr in lrs)
+    lines = [f"| variant | params | FLOPs | vs first | val top-1, no training |{head} recovery (s) |",
+             "|---|---:|---:|---:|---:|" + "---:|" * len(lrs) + "---:|"]
     for r in rows:
         t = r.get("recover_seconds")
+        tuned = "".join(f" {fmt((r['finetuned'] or {}).get(lr))} |" for lr in lrs)
         lines.append(f"| {r['variant']} | {r['params']:,} | {r['flops'] / 1e6:.1f}M | "
-                     f"{r['flops'] / base['flops']:.3f}x | {fmt(r['top1'])} | {fmt(r['finetuned'])} | "
+                     f"{r['flops'] / base['flops']:.3f}x | {fmt(r['top1'])} |{tuned} "
                      f"{'-' if not t else format(t['mean'], '.2f')} |")
     return lines
 
@@ -231,7 +238,8 @@ def render(results: dict[str, Any]) -> str:
              f"{', '.join(map(str, results.get('seeds', [])))}: a recovered row is recovered once per seed (the "
              "seed draws the calibration images) and fine-tuned with that seed; other rows are built once and "
              "fine-tuned once per seed. Mean (min-max) over the seeds. Fine-tune: 1 epoch, SGD, "
-             f"lr {FINETUNE_LR}, distilled from the unrewritten model (surgery finetune's defaults).", ""]
+             f"lr {FINETUNE_LR} (surgery finetune's default; bilinear also at 1e-4), distilled from the unrewritten "
+             "model.", ""]
     if "prune" in results:
         p = results["prune"]
         times = ", ".join(f"{t:.2f}" for t in p["recover_times"] if t is not None)
@@ -266,8 +274,13 @@ def plot(results: dict[str, Any], path: Path) -> None:
         rows = results[part]["rows"][1:]
         names = [r["variant"].replace(" + recover", "\n+ recover") for r in rows]
         xs = range(len(rows))
-        ax.bar([x - 0.2 for x in xs], [r["top1"]["mean"] for r in rows], 0.4, label="no training", color="#7f7f7f")
-        ax.bar([x + 0.2 for x in xs], [r["finetuned"]["mean"] for r in rows], 0.4, label="1 epoch", color="#1f77b4")
+        lrs = list(rows[0]["finetuned"])
+        width = 0.8 / (1 + len(lrs))
+        ax.bar([x - 0.4 + width / 2 for x in xs], [r["top1"]["mean"] for r in rows], width, label="no training",
+               color="#7f7f7f")
+        for i, (lr, color) in enumerate(zip(lrs, ["#1f77b4", "#2ca02c"])):
+            ax.bar([x - 0.4 + width * (i + 1.5) for x in xs], [r["finetuned"][lr]["mean"] for r in rows], width,
+                   label=f"1 epoch, lr {float(lr):g}", color=color)
         first = results[part]["rows"][0]
         ax.axhline(first["top1"]["mean"], color="k", lw=0.8, ls="--", label=first["variant"])
         ax.set_xticks(list(xs), names, fontsize=7, rotation=30, ha="right")

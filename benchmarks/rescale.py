@@ -31,11 +31,11 @@ from surgery.train import TrainConfig, fit
 
 
 def run(model_name: str, size: int, epochs: int, seed: int, schedule: ProgressiveResize | None,
-        batch_size: int) -> dict:
+        batch_size: int, optimizer: str = "sgd", lr: float | None = None) -> dict:
     torch.manual_seed(seed)
     loaded = load_model(model_name, num_classes=10, input_size=size)
     data = data_for("digits", loaded, seed=0)  # one split for every run
-    cfg = TrainConfig(epochs=epochs, batch_size=batch_size, seed=seed, progress=False)
+    cfg = TrainConfig(epochs=epochs, batch_size=batch_size, seed=seed, optimizer=optimizer, lr=lr, progress=False)
     curve = []
     t0, c0 = time.perf_counter(), time.process_time()
 
@@ -74,6 +74,8 @@ def main() -> None:
                     help="also train at full size for fewer epochs (own schedule): the equal-compute baseline")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     ap.add_argument("--batch-size", type=int, default=64)
+    ap.add_argument("--optimizer", choices=["sgd", "adamw"], default="sgd")
+    ap.add_argument("--lr", type=float, default=None, help="default: the optimizer's (surgery.train)")
     ap.add_argument("--threads", type=int, default=1,
                     help="torch threads (1: on a shared 2-core machine, 2 threads ran 10x slower than 1)")
     ap.add_argument("--results", default="benchmarks/results/rescale")
@@ -108,7 +110,7 @@ def main() -> None:
         for name, (schedule, epochs) in runs.items():
             if args.merge and len(results[name]) == len(args.seeds):
                 continue
-            r = run(args.model, args.size, epochs, seed, schedule, args.batch_size)
+            r = run(args.model, args.size, epochs, seed, schedule, args.batch_size, args.optimizer, args.lr)
             results[name].append(r)
             print(f"seed {seed} {name:>18}: wall {r['wall_s']:6.1f}s  cpu {r['cpu_s']:6.1f}s  "
                   f"val top-1 {r['val_top1']:.4f}", flush=True)
@@ -192,9 +194,13 @@ def report(args: argparse.Namespace, results: dict[str, list[dict]], out: Path,
              f"--factor {args.factor} --switch {' '.join(map(str, args.switch))} --reset "
              f"{' '.join(map(str, args.reset))} --resize-only {' '.join(map(str, args.resize_only))} "
              f"--short-full {' '.join(map(str, getattr(args, 'short_full', [])))} "
-             f"--seeds {' '.join(map(str, args.seeds))} --threads {args.threads}`",
+             f"--seeds {' '.join(map(str, args.seeds))} --threads {args.threads}"
+             + (f" --optimizer {args.optimizer}" if getattr(args, "optimizer", "sgd") != "sgd" else "")
+             + (f" --lr {args.lr:g}" if getattr(args, "lr", None) else "") + "`",
              "", f"{platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__.split('+')[0]}; "
-             f"digits at {args.size}x{args.size} (low phase {low}x{low}), batch {args.batch_size}, SGD, "
+             f"digits at {args.size}x{args.size} (low phase {low}x{low}), batch {args.batch_size}, "
+             f"{getattr(args, 'optimizer', 'sgd').upper()}"
+             + (f" lr {args.lr:g}" if getattr(args, "lr", None) else "") + ", "
              f"one cosine schedule over {args.epochs} epochs; mean over seeds {args.seeds}. "
              "CPU time is the training process's (time.process_time: training, evaluation and the switch); "
              "images/CPU-s counts training images over the CPU seconds of the phase's epochs. "

@@ -139,6 +139,34 @@ def downstream_layers(gm: fx.GraphModule, changed: set[str]) -> list[Fit]:
     return out
 
 
+def tail(gm: fx.GraphModule, start: str) -> Fit | None:
+    """Distillation of everything from node ``start`` (exclusive) to the model's output: the last block,
+    the final norm and the classifier trained together against the source's output (logits)."""
+    (output,) = [n for n in gm.graph.nodes if n.op == "output"]
+    end = output.args[0]
+    while isinstance(end, (tuple, list)) and end:
+        end = end[0]
+    nodes = {n.name: n for n in gm.graph.nodes}
+    if not isinstance(end, fx.Node) or start not in nodes:
+        return None
+    ancestors: set[fx.Node] = set()
+    todo = [end]
+    while todo:
+        for a in todo.pop().all_input_nodes:
+            if a not in ancestors:
+                ancestors.add(a)
+                todo.append(a)
+    after: set[fx.Node] = {nodes[start]}
+    span = []
+    for n in gm.graph.nodes:
+        if n is not nodes[start] and n in ancestors and any(a in after for a in n.all_input_nodes):
+            after.add(n)
+            span.append(n)
+    modules = sorted({str(n.target) for n in span + [end] if n.op == "call_module"}
+                     | {str(n.target).rpartition(".")[0] for n in span + [end] if n.op == "get_attr"} - {""})
+    return Fit(end.name, end.name, "distill", span=[n.name for n in span], modules=modules) if modules else None
+
+
 # --- rows: what a layer reads, at sampled positions --------------------------------------------
 
 
@@ -413,13 +441,13 @@ def distill(gm: fx.GraphModule, fit: Fit, inputs: list[list[torch.Tensor]], targ
 # --- the walk ---------------------------------------------------------------------------------------
 
 
-def _source_values(source: fx.GraphModule, fits: list[Fit], batches: list[torch.Tensor], convs: dict[str, bool],
-                   opts: Options) -> dict[str, list[torch.Tensor]]:
-    """Per fit and batch: the source's value at sampled rows (closed forms) or whole (distill)."""
-    wanted: dict[str, list[Fit]] = {}
-    for f in fits:
-        wanted.setdefault(f.source, []).append(f)
-    out: dict[str, list[torch.Tensor]] = {f.node: [] for f in fits}
+def _source_values(source: fx.GraphModule, fits: list[Fit], batches: list[torch.Tensor], convs: list[bool],
+                   opts: Options) -> list[list[torch.Tensor]]:
+    """Per fit (in order) and batch: the source's value at sampled rows (closed forms) or whole (distill)."""
+    wanted: dict[str, list[int]] = {}
+    for i, f in enumerate(fits):
+        wanted.setdefault(f.source, []).append(i)
+    out: list[list[torch.Tensor]] = [[] for _ in fits]
     rows = _rows_per_batch(opts, len(batches))
 
     class Recorder(fx.Interpreter):
@@ -427,11 +455,12 @@ def _source_values(source: fx.GraphModule, fits: list[Fit], batches: list[torch.
 
         def run_node(self, n: fx.Node) -> Any:
             value = super().run_node(n)
-            for f in wanted.get(n.name, ()):
+            for i in wanted.get(n.name, ()):
+                f = fits[i]
                 if f.kind == "distill":
-                    out[f.node].append(_select(value, f).detach().clone())
+                    out[i].append(_select(value, f).detach().clone())
                 else:
-                    out[f.node].append(output_rows(value.detach(), f, convs[f.node], rows, self.batch))
+                    out[i].append(output_rows(value.detach(), f, convs[i], rows, self.batch))
             return value
 
     recorder = Recorder(source)
@@ -481,13 +510,16 @@ def recover(source: fx.GraphModule, gm: fx.GraphModule, fits: list[Fit], batches
     if not fits:
         return []
     nodes = {n.name: n for n in gm.graph.nodes}
-    convs = {f.node: f.kind != "distill" and _is_conv(get_module(gm, nodes[f.node])) for f in fits}
+    convs = [f.kind != "distill" and _is_conv(get_module(gm, nodes[f.node])) for f in fits]
     modes = source.training, gm.training
     source.eval()
     gm.eval()
     results: list[Result] = []
     rows = _rows_per_batch(opts, len(batches))
-    by_node = {f.node: f for f in fits}
+    # Per node: its closed-form fits first, then its distillations, in the order declared.
+    by_node: dict[str, list[int]] = {}
+    for i in sorted(range(len(fits)), key=lambda i: fits[i].kind == "distill"):
+        by_node.setdefault(fits[i].node, []).append(i)
     try:
         targets = _source_values(source, fits, batches, convs, opts)
         order = {n: i for i, n in enumerate(gm.graph.nodes)}
@@ -495,13 +527,13 @@ def recover(source: fx.GraphModule, gm: fx.GraphModule, fits: list[Fit], batches
         for node in gm.graph.nodes:
             for arg in node.all_input_nodes:
                 last_use[arg] = node
-        spans: dict[str, tuple[list[fx.Node], list[fx.Node]]] = {}
-        for f in fits:
+        spans: dict[int, tuple[list[fx.Node], list[fx.Node]]] = {}
+        for i, f in enumerate(fits):
             if f.kind != "distill":
                 continue
             span = [nodes[s] for s in f.span] + [nodes[f.node]]
             outside = segment(gm, span)[1]
-            spans[f.node] = span, outside
+            spans[i] = span, outside
             # The segment's outside inputs live until it has been fitted and run again.
             for a in outside:
                 if order[last_use.get(a, a)] < order[nodes[f.node]]:
@@ -513,26 +545,14 @@ def recover(source: fx.GraphModule, gm: fx.GraphModule, fits: list[Fit], batches
             for node in bar(list(gm.graph.nodes), label, unit="node"):
                 if node.op == "output":
                     break
-                fit = by_node.get(node.name)
-                if fit is not None and fit.kind != "distill":
-                    module = get_module(gm, node)
-                    x = torch.cat([input_rows(module, runner.env[node.args[0]], rows, i)
-                                   for i, runner in enumerate(runners)])
-                    y = torch.cat(targets[node.name])
-                    if y.shape[1] != _dense(module)[0].shape[0] or y.shape[0] != x.shape[0]:
-                        raise RuntimeError(f"recover: {node.name} yields {_dense(module)[0].shape[0]} channels "
-                                           f"at {x.shape[0]} rows but its source {fit.source} {y.shape[1]} at "
-                                           f"{y.shape[0]}; this is a bug in the pass that declared the fit")
-                    before, after, write = (fit_linear(module, x, y, opts.ridge) if fit.kind == "linear"
-                                            else fit_bilinear(module, x, y, opts.ridge, opts.sweeps))
-                    kept = after < before
-                    if kept:
-                        write()
-                    results.append(Result(node.name, fit.kind, before, after, kept))
-                elif fit is not None:
-                    span, outside = spans[node.name]
+                for i in by_node.get(node.name, ()):
+                    fit = fits[i]
+                    if fit.kind != "distill":
+                        results.append(_closed_form(gm, node, fit, runners, targets[i], rows, opts))
+                        continue
+                    span, outside = spans[i]
                     inputs = [[runner.env[a] for a in outside] for runner in runners]
-                    before, after, kept = distill(gm, fit, inputs, targets[node.name], opts, len(results))
+                    before, after, kept = distill(gm, fit, inputs, targets[i], opts, len(results))
                     results.append(Result(node.name, fit.kind, before, after, kept))
                     for runner in runners:  # the block's inner values, with its new parameters
                         for inner in span[:-1]:
@@ -546,6 +566,25 @@ def recover(source: fx.GraphModule, gm: fx.GraphModule, fits: list[Fit], batches
         source.train(modes[0])
         gm.train(modes[1])
     return results
+
+
+def _closed_form(gm: fx.GraphModule, node: fx.Node, fit: Fit, runners: list[fx.Interpreter],
+                 targets: list[torch.Tensor], rows: int, opts: Options) -> Result:
+    """Least squares (or ALS) from the layer's input rows in the walk to the source's rows."""
+    module = get_module(gm, node)
+    x = torch.cat([input_rows(module, runner.env[node.args[0]], rows, i) for i, runner in enumerate(runners)])
+    y = torch.cat(targets)
+    k = _dense(module)[0].shape[0]
+    if y.shape[1] != k or y.shape[0] != x.shape[0]:
+        raise RuntimeError(f"recover: {node.name} yields {k} channels at {x.shape[0]} rows but its source "
+                           f"{fit.source} {y.shape[1]} at {y.shape[0]}; this is a bug in the pass that declared "
+                           "the fit")
+    before, after, write = (fit_linear(module, x, y, opts.ridge) if fit.kind == "linear"
+                            else fit_bilinear(module, x, y, opts.ridge, opts.sweeps))
+    kept = after < before
+    if kept:
+        write()
+    return Result(node.name, fit.kind, before, after, kept)
 
 
 def summary(results: list[Result], images: int, seconds: float) -> str:

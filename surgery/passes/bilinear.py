@@ -657,17 +657,21 @@ def _fits(gm: fx.GraphModule, entries: list[dict[str, Any]], sources: dict[str, 
           steps: int) -> list[Fit]:
     """What recovery fits: each rewritten layer (ALS) and widened consumer (least squares) to its old
     output, the plain layers downstream of them (the classifier) to theirs, and, with ``steps``,
-    each residual block that holds rewritten layers to its old output (local distillation)."""
+    each residual block that holds rewritten layers to its old output and the last such block with
+    what follows it to the old logits (local distillation)."""
     rewritten = {e["name"] for e in entries}
     fits = [Fit(calls.get(name, source), source, "bilinear" if name in rewritten else "linear",
                 axis=1 if isinstance(gm.get_submodule(name), BilinearConv2d) else -1)
             for name, source in sources.items()]
     fits += recover.downstream_layers(gm, {f.node for f in fits})
     if steps:
-        for block in find_structure(gm).blocks:
-            if block.kind == "residual" and rewritten & set(block.modules):
-                fits.append(Fit(block.output, block.output, "distill",
-                                span=[n for n in block.span if n != block.output], modules=block.modules))
+        blocks = [b for b in find_structure(gm).blocks if b.kind == "residual" and rewritten & set(b.modules)]
+        fits += [Fit(b.output, b.output, "distill", span=[n for n in b.span if n != b.output], modules=b.modules)
+                 for b in blocks]
+        # Then the last of them with the layers after it (final norm, classifier) against the logits.
+        last = recover.tail(gm, blocks[-1].input) if blocks else None
+        if last is not None:
+            fits.append(last)
     return fits
 
 
