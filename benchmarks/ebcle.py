@@ -38,10 +38,10 @@ from surgery.train import TrainConfig, fit
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
-def build(model: str, size: int, keep: list[int], seed: int) -> torch.fx.GraphModule:
+def build(model: str, size: int, keep: list[int], seed: int, classes: int = 10) -> torch.fx.GraphModule:
     """The model at ``keep`` blocks per stage (the last ones of each stage go), from seeded initial weights."""
     torch.manual_seed(seed)
-    loaded = surgery.load_model(model, num_classes=10, input_size=f"3x{size}x{size}")
+    loaded = surgery.load_model(model, num_classes=classes, input_size=f"3x{size}x{size}")
     spec = "ebcle:select=position,keep=" + "+".join(map(str, keep))
     return surgery.apply(loaded, [spec], measure=False).model
 
@@ -94,26 +94,33 @@ def main() -> None:
     ap.add_argument("--seeds", type=int, default=2, help="extra seeds for the full vs EBCLE comparison")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--out", type=Path, default=RESULTS)
+    ap.add_argument("--data", default="digits", help="digits or an ImageFolder (python -m surgery.photos builds one)")
+    ap.add_argument("--name", default="ebcle", help="results file stem in --out")
+    ap.add_argument("--plot-only", action="store_true", help="draw NAME.png from NAME.json in --out")
     args = ap.parse_args()
+    if args.plot_only:
+        return plot_only(args.out, args.name)
     torch.set_num_threads(args.threads)
     t_start = time.perf_counter()
 
-    stats = dataset_entropy("digits")
-    data = load_data("digits", image_size=args.size)
-    probe = surgery.load_model(args.model, num_classes=10, input_size=f"3x{args.size}x{args.size}")
+    stats = dataset_entropy(args.data)
+    data = load_data(args.data, image_size=args.size)
+    label = "digits" if args.data == "digits" else Path(args.data).name
+    classes = data.num_classes
+    probe = surgery.load_model(args.model, num_classes=classes, input_size=f"3x{args.size}x{args.size}")
     counts = find_counts(probe, args.size)
     total = sum(counts)
-    ebcle_run = surgery.apply(probe, ["ebcle:data=digits,select=position"], measure=False)
+    ebcle_run = surgery.apply(probe, [f"ebcle:entropy={stats.mean},select=position"], measure=False)
     plan = ebcle_run.recipe["passes"][-1]["plan"]
     bound, bound_keep = plan["bound"], plan["keep"]
-    print(f"digits entropy {stats.mean:.4f} nats -> EBCLE bound {bound} of {total} blocks, keep {bound_keep}")
+    print(f"{label} entropy {stats.mean:.4f} nats -> EBCLE bound {bound} of {total} blocks, keep {bound_keep}")
 
     depths = sorted({len(counts), bound, total} | set(range(len(counts), total + 1, 2)))
     rows = []
     x = torch.randn(1, 3, args.size, args.size)
     for n in depths:
         keep = spread(counts, n)
-        gm = build(args.model, args.size, keep, seed=0)
+        gm = build(args.model, args.size, keep, seed=0, classes=classes)
         row = {"blocks": n, "keep": keep, "params": count_params(gm), "flops": count_flops(gm, x),
                **train_one(gm, data, args.epochs, seed=0)}
         rows.append(row)
@@ -123,7 +130,8 @@ def main() -> None:
             full_trained = gm
 
     # The trained full model: how close to the identity is each block (the paper's mechanism)?
-    calib = load_calibration("digits", x.expand(2, -1, -1, -1), 64, seed=0)
+    calib = load_calibration(args.data, x.expand(2, -1, -1, -1), 64, seed=0)
+    full_trained.to(x.device)
     full_trained.eval()
     scores = identity_scores(full_trained, find_structure(full_trained),
                              [b[0] for b in calib.batches])
@@ -134,7 +142,7 @@ def main() -> None:
              "ebcle": [r for r in rows if r["blocks"] == bound][:1]}
     for seed in range(1, args.seeds + 1):
         for name, keep in (("full", counts), ("ebcle", bound_keep)):
-            gm = build(args.model, args.size, keep, seed=seed)
+            gm = build(args.model, args.size, keep, seed=seed, classes=classes)
             pairs[name].append({"seed": seed, **train_one(gm, data, args.epochs, seed=seed)})
             print(f"{name} seed {seed}: val top-1 {pairs[name][-1]['val_top1']:.4f}  "
                   f"train {pairs[name][-1]['train_s']:.0f} s", flush=True)
@@ -150,16 +158,16 @@ def main() -> None:
     flops_reduction = 1 - row_bound["flops"] / row_full["flops"]
 
     args.out.mkdir(parents=True, exist_ok=True)
-    title = (f"{args.model} on digits {args.size}x{args.size}, {args.epochs} epochs each; "
+    title = (f"{args.model} on {label} {args.size}x{args.size}, {args.epochs} epochs each; "
              f"entropy {stats.mean:.2f} nats")
-    plot(rows, bound, total, args.out / "ebcle.png", title)
     cmd = (f"OMP_NUM_THREADS={args.threads} python benchmarks/ebcle.py --model {args.model} --size {args.size} "
-           f"--epochs {args.epochs} --seeds {args.seeds}")
+           f"--epochs {args.epochs} --seeds {args.seeds}"
+           + (f" --data {args.data} --name {args.name}" if args.data != "digits" else ""))
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"{args.threads} CPU thread(s)"
     lines = [
-        f"`{cmd}` ({platform.machine()}, {args.threads} thread(s), torch {torch.__version__}; "
-        f"{(time.perf_counter() - t_start) / 60:.0f} min on a CPU shared with other jobs: wall times are noisy, "
-        "FLOPs are exact)", "",
-        f"digits entropy: {stats.mean:.4f} nats (max ln 256 = {MAX_NATS:.3f}); rule `linear` -> keep "
+        f"`{cmd}` ({platform.machine()}, {device}, torch {torch.__version__}; "
+        f"{(time.perf_counter() - t_start) / 60:.0f} min; wall times are noisy, FLOPs are exact)", "",
+        f"{label} entropy: {stats.mean:.4f} nats (max ln 256 = {MAX_NATS:.3f}); rule `linear` -> keep "
         f"{bound} of {total} blocks ({'+'.join(map(str, bound_keep))} of {'+'.join(map(str, counts))}).", "",
         "| blocks kept | per stage | params | FLOPs / image | val top-1 | training wall time (s) | images/s |",
         "| ---: | --- | ---: | ---: | ---: | ---: | ---: |",
@@ -192,13 +200,23 @@ def main() -> None:
     ]
     text = "\n".join(lines)
     print(text)
-    (args.out / "ebcle.md").write_text(text + "\n")
-    (args.out / "ebcle.json").write_text(json.dumps({
+    (args.out / f"{args.name}.md").write_text(text + "\n")
+    (args.out / f"{args.name}.json").write_text(json.dumps({
         "command": cmd, "model": args.model, "size": args.size, "epochs": args.epochs,
         "entropy": stats.to_dict(), "counts": counts, "bound": bound, "bound_keep": bound_keep,
         "sweep": rows, "pairs": pairs, "summary": summary, "train_time_reduction": reduction,
         "flops_reduction": flops_reduction, "val_top1_difference": acc_diff, "identity_scores": blocks_scores,
+        "title": title,
     }, indent=1) + "\n")
+    try:  # last: a machine without matplotlib (a GPU box) still writes the numbers; --plot-only draws later
+        plot(rows, bound, total, args.out / f"{args.name}.png", title)
+    except ImportError as exc:
+        print(f"no plot: {exc}; draw it with --plot-only")
+
+
+def plot_only(out: Path, name: str) -> None:
+    saved = json.loads((out / f"{name}.json").read_text())
+    plot(saved["sweep"], saved["bound"], sum(saved["counts"]), out / f"{name}.png", saved["title"])
 
 
 if __name__ == "__main__":

@@ -175,16 +175,17 @@ def check_target(target: dict[str, Any], before: dict, after: dict) -> dict[str,
 
 def _run_passes(gm: fx.GraphModule, steps: list[tuple[registry.PassInfo, Any, dict | None]],
                 example: torch.Tensor, data: str | None = None, *, counts: dict[str, Any] | None = None,
-                norm: tuple[Any, Any] | None = None,
+                norm: tuple[Any, Any] | None = None, lineage: Lineage | None = None,
                 progress: Steps | None = None) -> tuple[fx.GraphModule, list[dict[str, Any]], torch.Tensor]:
     """Run passes in order; a pass that changes the input size (rescale) changes the example too.
 
     With ``counts`` (the input model's :func:`report.count_model`), each record gets its
     ``effect``: one count per pass boundary, the after of a pass the before of the next.
-    ``progress``: each pass (with its count) is one step of it.
+    ``progress``: each pass (with its count) is one step of it. ``lineage``: what `recover`
+    aligns with (default: ``gm`` itself, and the fits of the passes run here), advanced in place.
     """
     records = []
-    lineage = Lineage(gm)
+    lineage = lineage if lineage is not None else Lineage(gm)
     for i, (info, cfg, plan) in enumerate(steps):
         with progress.step(info.name) if progress is not None else contextlib.nullcontext():
             gm, record, example, counts = _run_pass(gm, i, info, cfg, plan, example, data, counts, lineage, norm)
@@ -298,8 +299,11 @@ def apply(
             leaf_modules = sorted(set(leaf_modules) | set(gm.meta["surgery"].leaf_fallbacks))
         with progress.step("count"):
             first = count_model(loaded.model, loaded.input_size)
+        sources = [cfg.source for info, cfg in steps if info.name == "recover" and getattr(cfg, "source", None)]
+        lineage = aligned_lineage(loaded, sources[0]) if sources else None
         gm, records, final_example = _run_passes(gm, [(info, cfg, None) for info, cfg in steps], example, data,
-                                                 counts=first, progress=progress, norm=input_norm(loaded))
+                                                 counts=first, progress=progress, norm=input_norm(loaded),
+                                                 lineage=lineage)
         measured = {}
         if measure:
             # The totals are the first and last pass boundaries' counts: one counter, counted once.
@@ -344,8 +348,12 @@ def _unique(timings: list[tuple[str, float]]) -> list[tuple[str, float]]:
     return out
 
 
-def rebuild(recipe: dict[str, Any], base_model: nn.Module | None = None) -> fx.GraphModule:
-    """The architecture a recipe describes, with fresh weights: source, trace, replayed passes."""
+def rebuild(recipe: dict[str, Any], base_model: nn.Module | None = None,
+            lineage: Lineage | None = None) -> fx.GraphModule:
+    """The architecture a recipe describes, with fresh weights: source, trace, replayed passes.
+
+    ``base_model``: the source's weights instead of fresh ones (a GraphModule is used as it is,
+    not traced again). ``lineage``: filled with the source graph and the replayed passes' fits."""
     source = recipe["source"]
     steps = []
     for i, step in enumerate(recipe["passes"]):
@@ -373,6 +381,33 @@ def rebuild(recipe: dict[str, Any], base_model: nn.Module | None = None) -> fx.G
         limits.check_build(lambda: build_source(source), size, num_classes=n if type(n) is int else None, **check)
     model = base_model if base_model is not None else build_source(source)
     example = example_batch(size)
-    gm = trace(model, example, leaf_modules=source.get("leaf_modules", ()), verify=False)
-    gm, _, _ = _run_passes(gm, steps, example)
+    if isinstance(model, fx.GraphModule):
+        gm = copy.deepcopy(model).eval()
+        propagate_shapes(gm, example)
+    else:
+        gm = trace(model, example, leaf_modules=source.get("leaf_modules", ()), verify=False)
+    if lineage is not None:
+        lineage.source = gm
+    gm, _, _ = _run_passes(gm, steps, example, lineage=lineage)
     return gm
+
+
+def aligned_lineage(loaded: LoadedModel, spec: str) -> Lineage:
+    """The model ``spec`` names (the one an artifact was made from, with its weights) as `recover`'s
+    source, and the artifact's recorded passes replayed on it for the fits to align."""
+    if not loaded.passes:
+        raise SurgeryError(f"recover:source= aligns an artifact with the model it was made from, but {loaded.name} "
+                           "holds no passes; put recover after the passes in one run instead")
+    if any(registry.get(p["pass"]).resizes_input for p in loaded.passes):
+        raise SurgeryError("recover cannot align an artifact made with rescale: its source runs at another size")
+    source = load_model(spec)
+    want = {k: tuple(v.shape) for k, v in build_source(loaded.source).state_dict().items()}
+    have = {k: tuple(v.shape) for k, v in source.model.state_dict().items()}
+    if want != have:
+        diff = sorted(set(want.items()) ^ set(have.items()))[:1]
+        raise SurgeryError(f"recover:source={spec} is not the architecture this artifact was made from "
+                           f"({loaded.name}; first difference: {diff[0][0] if diff else '?'}); give that model")
+    lineage = Lineage(source.model)
+    recipe = {"source": loaded.source, "input_size": as_json(loaded.input_size), "passes": loaded.passes}
+    rebuild(recipe, base_model=source.model, lineage=lineage)
+    return lineage

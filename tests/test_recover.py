@@ -199,3 +199,23 @@ def test_recover_needs_calibration_images():
         surgery.apply(model, "bilinear:min_features=16,recover=on", example_inputs=x, measure=False)
     with pytest.raises(SurgeryError, match="recover:steps must be >= 1"):
         surgery.apply(model, "recover:steps=0", example_inputs=x, measure=False)
+
+
+def test_recover_aligns_a_saved_artifact_with_the_model_it_was_made_from(tmp_path):
+    torch.manual_seed(0)
+    source = surgery.apply("resnet18", [], input_size="3x32x32", measure=False)
+    source_dir = source.save(tmp_path / "r18")
+    pruned_dir = surgery.apply(str(source_dir), ["prune:ratio=0.5,scope=uniform"], measure=False).save(tmp_path / "p")
+    plain = surgery.apply(str(pruned_dir), ["recover:data=digits"], measure=False)  # no source: nothing to align
+    assert "nothing to align" in plain.report["passes"][0]["effect"]["reason"]
+    fitted = surgery.apply(str(pruned_dir), [f"recover:source={source_dir},data=digits,calib=32"], measure=False)
+    rows = fitted.report["passes"][0]["recovery"]
+    assert len(rows) == 20 and all(r["kind"] == "linear" for r in rows)
+    original = surgery.load(source_dir)
+    images = _held_out()
+    assert _relative_error(fitted.model, original, images) < 0.5 * _relative_error(plain.model, original, images)
+    with pytest.raises(SurgeryError, match="not the architecture this artifact was made from"):
+        other = surgery.apply("resnet34", [], input_size="3x32x32", measure=False).save(tmp_path / "r34")
+        surgery.apply(str(pruned_dir), [f"recover:source={other},data=digits"], measure=False)
+    with pytest.raises(SurgeryError, match="holds no passes"):
+        surgery.apply(str(source_dir), [f"recover:source={source_dir},data=digits"], measure=False)

@@ -4,8 +4,9 @@ The passes of one run declare what each rewritten layer or block should compute 
 ``ctx.fits``); the pipeline composes them against its input graph. This pass runs
 :func:`surgery.recover.recover` on all of them at once: the same as ``recover=on`` on
 each pass, but after the whole chain (``prune -> bilinear -> recover`` fits each layer
-once, against the original). The weights it fits are saved with the artifact; replay
-(``surgery.load``) has nothing to do.
+once, against the original). On an artifact, ``source=`` names the model it was made
+from: the artifact's recorded passes are replayed on it to know what to align. The
+weights it fits are saved with the artifact; replay (``surgery.load``) has nothing to do.
 """
 
 from __future__ import annotations
@@ -34,6 +35,9 @@ class RecoverConfig:
     steps: int = field(default=engine.Options.steps, metadata={"doc": "Adam steps per distilled block"})
     lr: float = field(default=engine.Options.lr, metadata={"doc": "learning rate of the distillation"})
     seed: int = field(default=0, metadata={"doc": "seed of calibration sampling"})
+    source: str | None = field(default=None, metadata={
+        "doc": "applied to an artifact: the model it was made from (an artifact folder or a model spec with its "
+               "weights); its recorded passes are replayed on it to know what to align"})
 
     def validate(self) -> None:
         for name in ("calib", "rows", "sweeps", "steps"):
@@ -50,7 +54,8 @@ def recover(gm: fx.GraphModule, cfg: RecoverConfig, ctx: PassContext) -> fx.Grap
         return gm
     if ctx.source is None or not ctx.lineage:
         ctx.reason = ("nothing to align: no pass before it in this run rewrote a layer it can fit (put recover "
-                      "after prune, bilinear or ebcle in the same run; after rescale it starts afresh)")
+                      "after prune, bilinear or ebcle in the same run, or give source= the model an artifact was "
+                      "made from; after rescale it starts afresh)")
         return gm
     opts = engine.Options(rows=cfg.rows, ridge=cfg.ridge, sweeps=cfg.sweeps, steps=cfg.steps, lr=cfg.lr)
     engine.run(ctx.source, gm, ctx.lineage, ctx, cfg.data, cfg.calib, cfg.seed, "recover", opts)
