@@ -231,11 +231,16 @@ def table(rows: list[dict[str, Any]]) -> list[str]:
     return lines
 
 
+def when(part: dict[str, Any]) -> str:
+    return (f"seeds {', '.join(map(str, part.get('seeds', [])))}; {part['start']['date']}; load average "
+            f"{part['start']['load_average']} at the start, {part['end']['load_average']} at the end")
+
+
 def render(results: dict[str, Any]) -> str:
     m = results.get("machine", {})
     lines = [f"Measured on {m.get('cpu')}, {m.get('cpus')} logical CPUs shared with other work, torch "
-             f"{m.get('torch')}. Val top-1 on digits (359 images; one image is 0.28%). Seeds "
-             f"{', '.join(map(str, results.get('seeds', [])))}: a recovered row is recovered once per seed (the "
+             f"{m.get('torch')}. Val top-1 on digits (359 images; one image is 0.28%). Seeds (listed per part): "
+             "a recovered row is recovered once per seed (the "
              "seed draws the calibration images) and fine-tuned with that seed; other rows are built once and "
              "fine-tuned once per seed. Mean (min-max) over the seeds. Fine-tune: 1 epoch, SGD, "
              f"lr {FINETUNE_LR} (surgery finetune's default; bilinear also at 1e-4), distilled from the unrewritten "
@@ -243,21 +248,18 @@ def render(results: dict[str, Any]) -> str:
     if "prune" in results:
         p = results["prune"]
         times = ", ".join(f"{t:.2f}" for t in p["recover_times"] if t is not None)
-        lines += [f"**prune** ({p['start']['date']}; load average {p['start']['load_average']} at the start, "
-                  f"{p['end']['load_average']} at the end): resnet18 trained 3 epochs on digits (`runs/r18`), "
+        lines += [f"**prune** ({when(p)}): resnet18 trained 3 epochs on digits (`runs/r18`), "
                   "0.5x FLOPs, l2; `recover=on,data=digits,calib=256`; Torch-Pruning's ratio bisected to "
                   "<= 0.5x FLOPs.", "", *table(p["rows"]), "",
                   f"Recovery alone (the note's timer), three runs on the same 256 images: {times} s.", ""]
     if "bilinear" in results:
         b = results["bilinear"]
-        lines += [f"**bilinear** ({b['start']['date']}; load average {b['start']['load_average']} at the start, "
-                  f"{b['end']['load_average']} at the end): the dense digits ViT of docs/bilinear.md, every Linear "
+        lines += [f"**bilinear** ({when(b)}): the dense digits ViT of docs/bilinear.md, every Linear "
                   "but the classifier at rank 1 (s1), and with scale 2 on the MLPs (s2); recovery is the "
                   f"`{b['recover']}` pass after the chain.", "", *table(b["rows"]), ""]
     if "ebcle" in results:
         e = results["ebcle"]
-        lines += [f"**ebcle** ({e['start']['date']}; load average {e['start']['load_average']} at the start, "
-                  f"{e['end']['load_average']} at the end): resnet34 trained 3 epochs on digits (`runs/r34`), "
+        lines += [f"**ebcle** ({when(e)}): resnet34 trained 3 epochs on digits (`runs/r34`), "
                   f"`ebcle:data=digits` ({'; '.join(e['depth'])}); `recover=on,calib=256`.", "",
                   *table(e["rows"]), ""]
     lines.append("Regenerate: `python benchmarks/recover.py --update-docs` (or `--parts prune` and so on).")
@@ -309,9 +311,9 @@ def main() -> None:
     results = json.loads(path.read_text()) if path.is_file() else {}
     results["machine"] = {"cpu": cpu_name(), "cpus": os.cpu_count(),
                           "torch": torch.__version__}
-    results["seeds"] = args.seeds
     for part in args.parts:
         results[part] = {"prune": part_prune, "bilinear": part_bilinear, "ebcle": part_ebcle}[part](args)
+        results[part]["seeds"] = args.seeds
         tmp = path.with_suffix(".json.tmp")
         tmp.write_text(json.dumps(results, indent=1))
         tmp.replace(path)
