@@ -535,9 +535,6 @@ def prune(gm: fx.GraphModule, cfg: PruneConfig, ctx: PassContext) -> fx.GraphMod
     ctx.fits = _fits(gm, _consumers(gm, cg, keep))
     original = copy.deepcopy(gm) if (cfg.recover or cfg.compensate) and not ctx.replay else None
     gm = finalize(cg.apply(gm, keep))
-    if original is not None:
-        recover.run(original, gm, ctx.fits, ctx, None, 0, cfg.seed, "prune",
-                    recover.Options(ridge=cfg.ridge), calib=calib)
     was_training = gm.training
     with torch.no_grad():  # one sample, in eval mode, is enough to prove that every shape still fits
         out = gm.eval()(*(x[:1] if isinstance(x, torch.Tensor) else x for x in ctx.example_inputs))
@@ -566,4 +563,7 @@ def prune(gm: fx.GraphModule, cfg: PruneConfig, ctx: PassContext) -> fx.GraphMod
         listed = ", ".join(cg.unsupported[:MAX_LISTED])
         more = f" and {len(cg.unsupported) - MAX_LISTED} more" if len(cg.unsupported) > MAX_LISTED else ""
         ctx.note(f"ops the channel analysis does not know (their channels stay whole): {listed}{more}")
+    if original is not None:  # after the notes on what was pruned: its own note, with its own time
+        recover.run(original, gm, ctx.fits, ctx, None, 0, cfg.seed, "prune",
+                    recover.Options(ridge=cfg.ridge), calib=calib)
     return gm
