@@ -73,18 +73,19 @@ def spread(values: list[float]) -> dict[str, Any]:
     return {"mean": statistics.mean(values), "min": min(values), "max": max(values), "values": values}
 
 
-def tuned(loaded: LoadedModel, teacher: LoadedModel, seeds: list[int], lr: float) -> dict[str, Any]:
+def tuned(loaded: LoadedModel, teacher: LoadedModel, seeds: list[int], lr: float, clip: float | None = None
+          ) -> dict[str, Any]:
     """Val top-1 after one epoch of fine-tuning (SGD at ``lr``, distilled from the teacher), once per seed."""
     out = []
     for seed in seeds:
-        cfg = TrainConfig(epochs=1, lr=lr, warmup_epochs=0.0, seed=seed, progress=False)
+        cfg = TrainConfig(epochs=1, lr=lr, warmup_epochs=0.0, seed=seed, clip_grad=clip, progress=False)
         model = LoadedModel(copy.deepcopy(loaded.model), loaded.input_size, loaded.source, io=loaded.io)
         out.append(finetune(model, "digits", cfg, teacher=teacher).metrics["val_top1"])
     return spread(out)
 
 
 def variant(name: str, build, teacher: LoadedModel, seeds: list[int], *, seeded: bool,
-            lrs: tuple[float, ...] = (FINETUNE_LR,)) -> dict[str, Any]:
+            lrs: tuple[float | tuple[float, float], ...] = (FINETUNE_LR,)) -> dict[str, Any]:
     """One row: ``build(seed) -> (LoadedModel, notes)``, evaluated, then fine-tuned per seed (at each lr).
 
     ``seeded``: the rewrite itself depends on the seed (recovery draws its calibration images)."""
@@ -95,13 +96,18 @@ def variant(name: str, build, teacher: LoadedModel, seeds: list[int], *, seeded:
         seconds = time.perf_counter() - t0
         times.append(recover_seconds(notes))
         rows.append(evaluate_model(loaded, "digits")["val_top1"])
-        for lr in lrs:
-            fine[lr] += tuned(loaded, teacher, [seed] if seeded else seeds, lr)["values"]
+        for lr in lrs:  # a learning rate, or (learning rate, gradient clipping norm)
+            fine[lr] += tuned(loaded, teacher, [seed] if seeded else seeds, *(lr if isinstance(lr, tuple) else (lr,))
+                              )["values"]
         print(f"{name} seed {seed}: top-1 {rows[-1]:.4f} ({seconds:.1f} s)", file=sys.stderr, flush=True)
     x1 = torch.zeros(1, *loaded.input_size)
     return {"variant": name, "params": count_params(loaded.model), "flops": count_flops(loaded.model, x1),
-            "top1": spread(rows), "finetuned": {str(lr): spread(v) for lr, v in fine.items()},
+            "top1": spread(rows), "finetuned": {tune_name(lr): spread(v) for lr, v in fine.items()},
             "recover_seconds": spread([t for t in times if t is not None]) if any(times) else None}
+
+
+def tune_name(lr: float | tuple[float, float]) -> str:
+    return f"lr {lr[0]:g}, clip {lr[1]:g}" if isinstance(lr, tuple) else f"lr {lr:g}"
 
 
 def trained(name: str, run: Path, epochs: int = 3) -> LoadedModel:
@@ -182,7 +188,8 @@ def part_bilinear(args) -> dict[str, Any]:
     def build(passes: list[str]):
         return lambda seed: applied(teacher, [p.replace("recover:", f"recover:seed={seed},") for p in passes])
 
-    lrs = (FINETUNE_LR, 1e-4)  # the default collapses these networks (docs/recover.md): also a tenth of it
+    # The default collapses these networks (docs/recover.md): also with gradient clipping, and at a tenth of it.
+    lrs = (FINETUNE_LR, (FINETUNE_LR, 1.0), 1e-4)
     for name, chain in chains.items():
         rows.append(variant(f"bilinear {name}", build(chain), teacher, args.seeds, seeded=False, lrs=lrs))
         rows.append(variant(f"bilinear {name} + recover", build(chain + [rec]), teacher, args.seeds, seeded=True,
@@ -208,6 +215,14 @@ def part_ebcle(args) -> dict[str, Any]:
 # --- report ------------------------------------------------------------------------------------
 
 
+def label(key: str) -> str:
+    """A fine-tune's column name ("lr 0.001, clip 1"; results written before clipping: the lr alone)."""
+    try:
+        return f"lr {float(key):g}"
+    except ValueError:
+        return key
+
+
 def fmt(s: dict[str, Any] | None) -> str:
     if not s:
         return "-"
@@ -219,7 +234,7 @@ def fmt(s: dict[str, Any] | None) -> str:
 def table(rows: list[dict[str, Any]]) -> list[str]:
     base = rows[0]
     lrs = list(next((r["finetuned"] for r in rows if r["finetuned"]), {}))
-    head = "".join(f" after 1 epoch, lr {float(lr):g} |" for lr in lrs)
+    head = "".join(f" after 1 epoch, {label(lr)} |" for lr in lrs)
     lines = [f"| variant | params | FLOPs | vs first | val top-1, no training |{head} recovery (s) |",
              "|---|---:|---:|---:|---:|" + "---:|" * len(lrs) + "---:|"]
     for r in rows:
@@ -243,7 +258,8 @@ def render(results: dict[str, Any]) -> str:
              "a recovered row is recovered once per seed (the "
              "seed draws the calibration images) and fine-tuned with that seed; other rows are built once and "
              "fine-tuned once per seed. Mean (min-max) over the seeds. Fine-tune: 1 epoch, SGD, "
-             f"lr {FINETUNE_LR} (surgery finetune's default; bilinear also at 1e-4), distilled from the unrewritten "
+             f"lr {FINETUNE_LR} (surgery finetune's default; bilinear also with --clip-grad 1 and at 1e-4), distilled "
+             "from the unrewritten "
              "model.", ""]
     if "prune" in results:
         p = results["prune"]
@@ -280,9 +296,9 @@ def plot(results: dict[str, Any], path: Path) -> None:
         width = 0.8 / (1 + len(lrs))
         ax.bar([x - 0.4 + width / 2 for x in xs], [r["top1"]["mean"] for r in rows], width, label="no training",
                color="#7f7f7f")
-        for i, (lr, color) in enumerate(zip(lrs, ["#1f77b4", "#2ca02c"])):
+        for i, (lr, color) in enumerate(zip(lrs, ["#1f77b4", "#ff7f0e", "#2ca02c"])):
             ax.bar([x - 0.4 + width * (i + 1.5) for x in xs], [r["finetuned"][lr]["mean"] for r in rows], width,
-                   label=f"1 epoch, lr {float(lr):g}", color=color)
+                   label=f"1 epoch, {label(lr)}", color=color)
         first = results[part]["rows"][0]
         ax.axhline(first["top1"]["mean"], color="k", lw=0.8, ls="--", label=first["variant"])
         ax.set_xticks(list(xs), names, fontsize=7, rotation=30, ha="right")

@@ -87,6 +87,7 @@ _CONFIG_NUMBERS = ("lr", "momentum", "weight_decay", "warmup_epochs", "min_lr_ra
                    "distill_weight", "distill_temperature")
 _CONFIG_BOOLS = ("amp", "channels_last", "compile", "deterministic")
 CONFIG_KEYS = frozenset({*_CONFIG_INTS, *_CONFIG_NUMBERS, *_CONFIG_BOOLS, "max_steps", "optimizer", "schedule"})
+OPTIONAL_CONFIG_KEYS = frozenset({"clip_grad"})  # added later: checkpoints written before it lack it (None)
 
 
 def _sha256_text(text: str) -> str:
@@ -235,7 +236,10 @@ def _expect_scalar(value: Any, where: str, *, strings: bool = True) -> None:
 
 
 def _check_config(value: Any, where: str) -> dict[str, Any]:
-    c = expect_dict(value, where, allowed=CONFIG_KEYS, required=sorted(CONFIG_KEYS))
+    c = expect_dict(value, where, allowed=CONFIG_KEYS | OPTIONAL_CONFIG_KEYS, required=sorted(CONFIG_KEYS))
+    c = {"clip_grad": None, **c}
+    if c["clip_grad"] is not None:
+        expect_number(c["clip_grad"], at(where, "clip_grad"))
     for k, (lo, hi) in _CONFIG_INTS.items():
         expect_int(c[k], at(where, k), lo=lo, hi=hi)
     for k in _CONFIG_NUMBERS:
@@ -344,7 +348,7 @@ def read_checkpoint(directory: Path) -> dict[str, Any]:
         top = ("format", "state", "config", "model", "data", "optimizer", "files")
         expect_dict(doc, "$", allowed=top, required=top)
         expect_str(doc["format"], "$.format", choices=(CHECKPOINT_FORMAT,))
-        config = _check_config(doc["config"], "$.config")
+        config = doc["config"] = _check_config(doc["config"], "$.config")  # with the defaults of later keys
         _check_progress(doc["state"], "$.state", config["epochs"])
         _check_identity(doc)
         _check_optimizer(doc["optimizer"], "$.optimizer")

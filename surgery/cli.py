@@ -48,6 +48,8 @@ def _train_args(p: argparse.ArgumentParser, *, epochs: bool = True, default_epoc
     g.add_argument("--label-smoothing", type=float, default=0.1)
     g.add_argument("--distill-weight", type=float, default=0.5, help="share of the KL term with a teacher")
     g.add_argument("--distill-temperature", type=float, default=4.0)
+    g.add_argument("--clip-grad", type=float, metavar="NORM",
+                   help="clip the global gradient norm at NORM each step (bilinear networks fine-tune at 1)")
     g.add_argument("--max-steps", type=int, help="stop after this many optimizer steps")
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--compile", action="store_true", help="torch.compile the model")
@@ -106,7 +108,8 @@ def _train_config(args: argparse.Namespace, *, finetune: bool = False):
                        workers=args.workers, device=args.device,
                        optimizer=args.optimizer, lr=lr, weight_decay=args.weight_decay, warmup_epochs=warmup,
                        label_smoothing=args.label_smoothing, distill_weight=args.distill_weight,
-                       distill_temperature=args.distill_temperature, seed=args.seed, compile=args.compile,
+                       distill_temperature=args.distill_temperature, clip_grad=args.clip_grad, seed=args.seed,
+                       compile=args.compile,
                        deterministic=args.deterministic, progress=not args.quiet)
 
 

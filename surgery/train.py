@@ -69,6 +69,7 @@ class TrainConfig:
     label_smoothing: float = 0.1
     distill_weight: float = 0.5  # share of the KL term when a teacher is given
     distill_temperature: float = 4.0
+    clip_grad: float | None = None  # largest global gradient norm per step; None: no clipping
     seed: int = 0
     amp: bool | None = None  # None: on with CUDA
     channels_last: bool | None = None  # None: on with CUDA
@@ -462,6 +463,10 @@ def fit(
                                 sums["distill"] += kd.item() * len(y)
                         optimizer.zero_grad(set_to_none=True)
                         scaler.scale(loss).backward()
+                        if cfg.clip_grad:
+                            scaler.unscale_(optimizer)  # clip the true gradients, not the loss-scaled ones
+                            torch.nn.utils.clip_grad_norm_(
+                                [p for g in optimizer.param_groups for p in g["params"]], cfg.clip_grad)
                         scaler.step(optimizer)
                         scaler.update()
                         state.step += 1

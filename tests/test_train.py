@@ -107,3 +107,27 @@ def test_head_pass_gives_a_new_classifier_that_reloads(tmp_path):
     x = torch.randn(2, 3, 16, 16)
     with torch.no_grad():
         assert torch.equal(again(x), result.model(x))
+
+
+def test_clip_grad_bounds_each_step():
+    """clip_grad caps the global gradient norm: a first Nesterov SGD step moves the weights by at most
+    lr x (1 + momentum) x NORM."""
+    import copy
+
+    import torch
+    from torch import nn
+
+    from surgery.data import load_data
+    from surgery.train import TrainConfig, fit
+
+    data = load_data("digits", image_size=8, limit=64)
+    torch.manual_seed(0)
+    start = nn.Sequential(nn.Flatten(), nn.Linear(3 * 8 * 8, 10))
+    moved = {}
+    for clip in (None, 1e-3):
+        model = copy.deepcopy(start)
+        cfg = TrainConfig(epochs=1, max_steps=1, batch_size=32, lr=0.5, momentum=0.9, weight_decay=0.0,
+                          warmup_epochs=0.0, clip_grad=clip, progress=False, workers=0)
+        fit(model, data, cfg)
+        moved[clip] = torch.cat([(a - b).flatten() for a, b in zip(model.parameters(), start.parameters())]).norm()
+    assert moved[1e-3] <= 0.5 * 1.9 * 1e-3 * 1.001 < moved[None] / 10

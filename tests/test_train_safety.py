@@ -20,7 +20,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from surgery.checkpoint import CONFIG_KEYS
+from surgery.checkpoint import CONFIG_KEYS, OPTIONAL_CONFIG_KEYS
 from surgery.cli import main
 from surgery.data import load_data
 from surgery.errors import Interrupted, SurgeryError
@@ -304,6 +304,14 @@ def test_another_head_is_named_by_its_tensors(tmp_path):
     assert snapshot(tmp_path) == before
 
 
+def test_a_checkpoint_from_before_clip_grad_is_read_with_it_off(ckpt, capsys):
+    tamper(ckpt, lambda d: d["config"].pop("clip_grad"))
+    line = refused(ckpt, capsys, "--lr", "0.05")  # read: the only difference named is the one given
+    assert "(checkpoint vs now): lr 0.1 vs 0.05; rerun" in line and "clip_grad" not in line
+    tamper(ckpt, lambda d: d["config"].update(clip_grad="1"))
+    assert "$.config.clip_grad: must be a number" in refused(ckpt, capsys)
+
+
 def tamper(out: Path, change) -> None:
     path = out / "checkpoint" / "state.json"
     doc = json.loads(path.read_text())
@@ -363,4 +371,4 @@ def test_optimizer_tensors_are_checked_against_their_parameters(ckpt, capsys):
 
 
 def test_the_checkpoint_config_validator_knows_every_option():
-    assert set(run_config(TrainConfig(), amp=False, channels_last=False)) == CONFIG_KEYS
+    assert set(run_config(TrainConfig(), amp=False, channels_last=False)) == CONFIG_KEYS | OPTIONAL_CONFIG_KEYS
