@@ -402,7 +402,12 @@ def distill(gm: fx.GraphModule, fit: Fit, inputs: list[list[torch.Tensor]], targ
     nodes = {n.name: n for n in gm.graph.nodes}
     sub, _ = segment(gm, [nodes[name] for name in fit.span + [fit.node]])
     params = list({id(p): p for name in fit.modules for p in gm.get_submodule(name).parameters()}.values())
-    saved = [p.detach().clone() for p in params]
+    # Batch norms of the block train on batch statistics, so that their running statistics follow the
+    # new weights: eval (the fit) and train mode (a fine-tune after it) then compute the same block.
+    norms = list({id(m): m for name in fit.modules for m in gm.get_submodule(name).modules()
+                  if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats}.values())
+    saved = [p.detach().clone() for p in params] + [b.detach().clone() for m in norms for b in m.buffers()]
+    buffers = [b for m in norms for b in m.buffers()]
 
     def error() -> float:
         with torch.no_grad():
@@ -418,21 +423,27 @@ def distill(gm: fx.GraphModule, fit: Fit, inputs: list[list[torch.Tensor]], targ
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, opts.steps)  # few steps: decay to settle
     order = torch.randperm(len(inputs), generator=torch.Generator().manual_seed(seed))
     scales = [t.square().mean().clamp_min(1e-12) for t in targets]
-    with torch.enable_grad():
-        for step in range(opts.steps):
-            i = int(order[step % len(order)])
-            loss = (sub(*inputs[i]) - targets[i]).square().mean() / scales[i]
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            schedule.step()
+    for m in norms:
+        m.train()
+    try:
+        with torch.enable_grad():
+            for step in range(opts.steps):
+                i = int(order[step % len(order)])
+                loss = (sub(*inputs[i]) - targets[i]).square().mean() / scales[i]
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                schedule.step()
+    finally:
+        for m in norms:
+            m.eval()
     for p, flag in zip(params, flags):
         p.requires_grad_(flag)
         p.grad = None
     after = error()
     if after >= before:
         with torch.no_grad():
-            for p, s in zip(params, saved):
+            for p, s in zip(params + buffers, saved):
                 p.copy_(s)
         return before, after, False
     return before, after, True
