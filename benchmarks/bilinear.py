@@ -182,8 +182,8 @@ def stamp() -> dict[str, Any]:
 # --- parts ------------------------------------------------------------------------------------------
 
 
-def teacher_path(args) -> Path:
-    return Path(args.work) / (f"vit_d{args.depth}_w{args.dim}_p{args.patch}_e{args.epochs}_b{args.batch_size}"
+def teacher_path(args, arch: str = "vit") -> Path:
+    return Path(args.work) / (f"{arch}_d{args.depth}_w{args.dim}_p{args.patch}_e{args.epochs}_b{args.batch_size}"
                               f"_lr{args.lr}_s{args.seed}.pt")
 
 
@@ -226,17 +226,17 @@ def dense_state(model: nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 
-def trained_teacher(args) -> nn.Module:
-    """The dense ViT of the scratch part: cached in --work, trained again when missing."""
-    model = surgery.trace(build("vit", args.depth, args.dim, args.patch, args.seed), example())
-    path = teacher_path(args)
+def trained_teacher(args, arch: str = "vit") -> nn.Module:
+    """The dense model (ViT, or MLP-Mixer) of the scratch part: cached in --work, trained again when missing."""
+    model = surgery.trace(build(arch, args.depth, args.dim, args.patch, args.seed), example())
+    path = teacher_path(args, arch)
     if path.is_file():
         model.load_state_dict(torch.load(path, weights_only=True))
-        log.info("dense ViT from %s", path)
+        log.info("dense %s from %s", arch, path)
         return model.eval()
     cfg = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, optimizer="adamw", lr=args.lr, seed=args.seed,
                       progress=False)
-    train_run("vit dense (teacher)", model, cfg)
+    train_run(f"{arch} dense (teacher)", model, cfg)
     path.parent.mkdir(parents=True, exist_ok=True)
     torch.save(dense_state(model), path)
     return model.eval()

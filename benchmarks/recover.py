@@ -169,32 +169,39 @@ def part_prune(args) -> dict[str, Any]:
 def part_bilinear(args) -> dict[str, Any]:
     import bilinear as bench
 
+    from surgery.models import preprocess
+
     start = stamp()
     bench.DATA = bench.data()
     ns = argparse.Namespace(depth=4, dim=128, patch=8, epochs=16, batch_size=16, lr=0.001, seed=0,
                             work=str(RUNS / "bench-bilinear"))
-    from surgery.models import preprocess
-
     io = {"preprocess": preprocess(bench.NORM, bench.NORM)}
-    teacher = LoadedModel(bench.trained_teacher(ns), (3, bench.SIZE, bench.SIZE), {"kind": "module"}, io=io)
     keep = "keep_classifier=true,min_features=16"
-    chains = {"s1": [f"bilinear:{keep}"], "s2": [f"bilinear:scale=2,skip=*.attn.*,{keep}", f"bilinear:{keep}"]}
+    # The ViT's attention projections cannot widen: scale 2 on its MLPs, then the rest at scale 1 (bilinear.md).
+    chains = {"vit": {"s1": [f"bilinear:{keep}"], "s2": [f"bilinear:scale=2,skip=*.attn.*,{keep}", f"bilinear:{keep}"]},
+              "mixer": {"s1": [f"bilinear:{keep}"], "s2": [f"bilinear:scale=2,{keep}"]}}
     rec = f"recover:data=digits,calib={args.vit_calib},steps={args.vit_steps}"
-    rows = [{"variant": "dense", "params": count_params(teacher.model),
-             "flops": count_flops(teacher.model, torch.zeros(1, 3, bench.SIZE, bench.SIZE)),
-             "top1": spread([evaluate_model(teacher, "digits")["val_top1"]]), "finetuned": None,
-             "recover_seconds": None}]
-
-    def build(passes: list[str]):
-        return lambda seed: applied(teacher, [p.replace("recover:", f"recover:seed={seed},") for p in passes])
-
     # The default collapses these networks (docs/recover.md): also with gradient clipping, and at a tenth of it.
     lrs = (FINETUNE_LR, (FINETUNE_LR, 1.0), 1e-4)
-    for name, chain in chains.items():
-        rows.append(variant(f"bilinear {name}", build(chain), teacher, args.seeds, seeded=False, lrs=lrs))
-        rows.append(variant(f"bilinear {name} + recover", build(chain + [rec]), teacher, args.seeds, seeded=True,
-                            lrs=lrs))
-    return {"start": start, "end": stamp(), "rows": rows, "recover": rec, "threads": torch.get_num_threads()}
+    out: dict[str, Any] = {"start": start, "recover": rec, "threads": torch.get_num_threads()}
+    for arch in args.archs:
+        teacher = LoadedModel(bench.trained_teacher(ns, arch), (3, bench.SIZE, bench.SIZE), {"kind": "module"},
+                              io=io)
+        rows = [{"variant": f"{arch} dense", "params": count_params(teacher.model),
+                 "flops": count_flops(teacher.model, torch.zeros(1, 3, bench.SIZE, bench.SIZE)),
+                 "top1": spread([evaluate_model(teacher, "digits")["val_top1"]]), "finetuned": None,
+                 "recover_seconds": None}]
+
+        def build(passes: list[str], teacher=teacher):
+            return lambda seed: applied(teacher, [p.replace("recover:", f"recover:seed={seed},") for p in passes])
+
+        for name, chain in chains[arch].items():
+            rows.append(variant(f"{arch} bilinear {name}", build(chain), teacher, args.seeds, seeded=False, lrs=lrs))
+            rows.append(variant(f"{arch} bilinear {name} + recover", build(chain + [rec]), teacher, args.seeds,
+                                seeded=True, lrs=lrs))
+        out["rows" if arch == "vit" else f"rows_{arch}"] = rows
+    out["end"] = stamp()
+    return out
 
 
 def part_ebcle(args) -> dict[str, Any]:
@@ -273,6 +280,9 @@ def render(results: dict[str, Any]) -> str:
         lines += [f"**bilinear** ({when(b)}): the dense digits ViT of docs/bilinear.md, every Linear "
                   "but the classifier at rank 1 (s1), and with scale 2 on the MLPs (s2); recovery is the "
                   f"`{b['recover']}` pass after the chain.", "", *table(b["rows"]), ""]
+        if b.get("rows_mixer"):
+            lines += ["The MLP-Mixer of docs/bilinear.md, the same way (scale 2 in one pass: it has only MLPs).", "",
+                      *table(b["rows_mixer"]), ""]
     if "ebcle" in results:
         e = results["ebcle"]
         lines += [f"**ebcle** ({when(e)}): resnet34 trained 3 epochs on digits (`runs/r34`), "
@@ -286,10 +296,11 @@ def plot(results: dict[str, Any], path: Path) -> None:
     from surgery.plots import _pyplot
 
     plt = _pyplot()
-    parts = [k for k in ("prune", "bilinear", "ebcle") if k in results]
-    fig, axes = plt.subplots(1, len(parts), figsize=(5.5 * len(parts), 4), squeeze=False)
-    for ax, part in zip(axes[0], parts):
-        rows = results[part]["rows"][1:]
+    panels = [(k, results[k][key]) for k, key in (("prune", "rows"), ("bilinear", "rows"), ("bilinear", "rows_mixer"),
+                                                    ("ebcle", "rows")) if k in results and results[k].get(key)]
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 4), squeeze=False)
+    for ax, (part, all_rows) in zip(axes[0], panels):
+        rows = all_rows[1:]
         names = [r["variant"].replace(" + recover", "\n+ recover") for r in rows]
         xs = range(len(rows))
         lrs = list(rows[0]["finetuned"])
@@ -299,11 +310,11 @@ def plot(results: dict[str, Any], path: Path) -> None:
         for i, (lr, color) in enumerate(zip(lrs, ["#1f77b4", "#ff7f0e", "#2ca02c"])):
             ax.bar([x - 0.4 + width * (i + 1.5) for x in xs], [r["finetuned"][lr]["mean"] for r in rows], width,
                    label=f"1 epoch, {label(lr)}", color=color)
-        first = results[part]["rows"][0]
+        first = all_rows[0]
         ax.axhline(first["top1"]["mean"], color="k", lw=0.8, ls="--", label=first["variant"])
         ax.set_xticks(list(xs), names, fontsize=7, rotation=30, ha="right")
         ax.set_ylim(0, 1)
-        ax.set_title(part)
+        ax.set_title(part if part != "bilinear" else f"bilinear ({all_rows[0]['variant'].split()[0]})")
         ax.legend(fontsize=7)
     axes[0][0].set_ylabel("val top-1 (digits)")
     fig.tight_layout()
@@ -318,6 +329,8 @@ def main() -> None:
     ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     ap.add_argument("--vit-calib", type=int, default=1024)
     ap.add_argument("--vit-steps", type=int, default=500)
+    ap.add_argument("--archs", nargs="+", choices=["vit", "mixer"], default=["vit", "mixer"],
+                    help="bilinear part: the digits ViT and MLP-Mixer of docs/bilinear.md")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--update-docs", action="store_true")
     args = ap.parse_args()
@@ -328,7 +341,9 @@ def main() -> None:
     results["machine"] = {"cpu": cpu_name(), "cpus": os.cpu_count(),
                           "torch": torch.__version__}
     for part in args.parts:
-        results[part] = {"prune": part_prune, "bilinear": part_bilinear, "ebcle": part_ebcle}[part](args)
+        # Merged into the part's earlier results: a run of one model (--archs mixer) keeps the other's rows.
+        results[part] = {**results.get(part, {}),
+                         **{"prune": part_prune, "bilinear": part_bilinear, "ebcle": part_ebcle}[part](args)}
         results[part]["seeds"] = args.seeds
         tmp = path.with_suffix(".json.tmp")
         tmp.write_text(json.dumps(results, indent=1))
