@@ -333,6 +333,7 @@ def _pass_growth(model: Any, passes: Iterable[Any], param_bytes: int, act_per_im
     from .passes.ebcle import EbcleConfig
     from .passes.head import HeadConfig
     from .passes.prune import PruneConfig
+    from .passes.recover import RecoverConfig
     from .passes.rescale import RescaleConfig
 
     elem = 4  # new weights are float32
@@ -373,7 +374,8 @@ def _pass_growth(model: Any, passes: Iterable[Any], param_bytes: int, act_per_im
               and cfg.importance == "taylor"):
             b = max(b, CALIB_BATCH)
             grads = params  # a backward: one gradient per weight, while the pass runs
-        if not replay and (getattr(cfg, "recover", False) or getattr(cfg, "compensate", False)):
+        if not replay and (isinstance(cfg, RecoverConfig) or getattr(cfg, "recover", False)
+                           or getattr(cfg, "compensate", False)):
             # Recovery walks the model over all its calibration images at once (surgery.recover).
             b = max(b, getattr(cfg, "calib", CALIB_BATCH))
         peak_params, peak_act = max(peak_params, params + grads), max(peak_act, act * b)
